@@ -1,0 +1,89 @@
+"""The one error tree of torchst.
+
+Every class also subclasses the builtin it refines, so ``except ValueError`` and
+``except FileNotFoundError`` keep working for callers that do not know torchst.
+This module imports nothing from torchst.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointLockedError",
+    "CheckpointNotFoundError",
+    "DeviceMapError",
+    "DtypeError",
+    "FileSizeError",
+    "FormatError",
+    "HeaderError",
+    "OffsetError",
+    "SerializationError",
+    "ShardIndexError",
+    "SharedTensorError",
+    "TensorNotFoundError",
+    "TorchstError",
+    "UnsupportedDtypeError",
+]
+
+
+class TorchstError(Exception):
+    """Base class of every error torchst raises on purpose."""
+
+
+class FormatError(TorchstError, ValueError):
+    """A .safetensors file (or byte string) is malformed: bad header, offsets, dtype, size."""
+
+
+class HeaderError(FormatError):
+    """The header length prefix or the JSON header itself is invalid."""
+
+
+class DtypeError(FormatError):
+    """The header names a dtype code that does not exist in the safetensors format."""
+
+
+class OffsetError(FormatError):
+    """``data_offsets`` do not tile the data section, or disagree with shape x dtype."""
+
+
+class FileSizeError(FormatError):
+    """The file is shorter or longer than its header says (truncated download?)."""
+
+
+class UnsupportedDtypeError(FormatError):
+    """A valid dtype code that the installed torch cannot represent as a tensor."""
+
+
+class TensorNotFoundError(TorchstError, KeyError):
+    """A tensor name that the file or checkpoint does not contain."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class SerializationError(TorchstError, ValueError):
+    """Tensors or metadata handed to a save function cannot be written as asked."""
+
+
+class ShardIndexError(TorchstError, ValueError):
+    """A sharded checkpoint's index is invalid, unsafe, or names a missing shard."""
+
+
+class SharedTensorError(TorchstError, ValueError):
+    """Tensors share memory in a way that cannot be saved without deduplication."""
+
+
+class DeviceMapError(TorchstError, ValueError):
+    """A ``device`` or ``device_map`` argument is invalid or does not cover every tensor."""
+
+
+class CheckpointError(TorchstError, RuntimeError):
+    """A training checkpoint cannot be saved or restored."""
+
+
+class CheckpointLockedError(CheckpointError):
+    """Another live process holds the checkpoint directory's writer lock."""
+
+
+class CheckpointNotFoundError(TorchstError, FileNotFoundError):
+    """The requested checkpoint, step or file does not exist."""

@@ -1,0 +1,332 @@
+"""Open one .safetensors file and hand out tensors: ``safe_open`` / ``SafeFile``.
+
+Three read strategies, chosen per file with ``backend=``:
+
+- ``"mmap"`` (default): the file is mapped once, copy-on-write; each tensor is a zero-copy
+  window of that mapping with a storage of its own (writes never reach the file).
+- ``"pread"``: positional reads into memory we own, one buffer per tensor, large tensors
+  split across threads.  For network filesystems where page faults crawl.
+- ``"eager"``: the whole data section is read sequentially into one buffer up front.
+
+The header is validated completely when the file is opened, before any data is read.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from .._dtypes import DType, from_code
+from ..errors import DeviceMapError, FormatError, TensorNotFoundError, UnsupportedDtypeError
+from ._buffers import pread_into, pread_parallel, tensor_bytes
+from .header import Header, TensorInfo, parse_header, read_header_length
+
+__all__ = ["BACKENDS", "SafeFile", "SafeSlice", "load", "load_file", "normalize_device", "safe_open"]
+
+BACKENDS = ("mmap", "pread", "eager")
+PathLike = str | os.PathLike[str]
+DeviceLike = str | int | torch.device
+
+
+def normalize_device(device: DeviceLike) -> torch.device:
+    """``"cpu"``, ``"cuda:1"``, ``1`` (= ``cuda:1``) or a torch.device; never rewritten silently."""
+    if isinstance(device, torch.device):
+        return device
+    if isinstance(device, bool) or not isinstance(device, (str, int)):
+        raise DeviceMapError(f"device must be a str, int or torch.device, found {type(device).__name__}: {device!r}")
+    if isinstance(device, int):
+        if device < 0:
+            raise DeviceMapError(f"device index must be >= 0, found {device}")
+        return torch.device("cuda", device)
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise DeviceMapError(f"device {device!r} is invalid: {e}") from None
+
+
+def _torch_shape(info: TensorInfo, row: DType, where: str) -> tuple[int, ...]:
+    if row.pack == 1:
+        return info.shape
+    if not info.shape or info.shape[-1] % row.pack:
+        raise UnsupportedDtypeError(
+            f"{where}: {row.code} shape {list(info.shape)} cannot be viewed as torch {row.torch_dtype}, "
+            f"which packs {row.pack} values per element along the last dimension"
+        )
+    return info.shape[:-1] + (info.shape[-1] // row.pack,)
+
+
+def _from_window(buf: memoryview | bytes, info: TensorInfo, base: int, where: str) -> torch.Tensor:
+    """Tensor over ``buf[base+begin : base+end]``: zero-copy when aligned, else one copy."""
+    row = from_code(info.dtype, where)
+    dtype = row.require_torch(where)
+    shape = _torch_shape(info, row, where)
+    if info.nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    start = base + info.begin
+    window = buf[start : start + info.nbytes]
+    raw = torch.frombuffer(window, dtype=torch.uint8)
+    if raw.data_ptr() % row.itemsize:
+        # Third-party writers may misalign data; torch kernels need aligned memory (copy #1).
+        raw = raw.clone()
+    return raw.view(dtype).view(shape)
+
+
+def _index_items(index: Any) -> tuple[Any, ...]:
+    return index if isinstance(index, tuple) else (index,)
+
+
+class SafeSlice:
+    """Lazy handle on one tensor; ``[...]`` reads only the rows the index needs.
+
+    >>> with safe_open("m.safetensors") as f:
+    ...     part = f.get_slice("embed.weight")[0:2, :]
+    """
+
+    def __init__(self, file: SafeFile, info: TensorInfo) -> None:
+        self._file = file
+        self._info = info
+
+    def get_shape(self) -> list[int]:
+        return list(self._info.shape)
+
+    def get_dtype(self) -> str:
+        return self._info.dtype
+
+    @property
+    def shape(self) -> list[int]:
+        return self.get_shape()
+
+    @property
+    def dtype(self) -> str:
+        return self._info.dtype
+
+    def __len__(self) -> int:
+        if not self._info.shape:
+            raise TypeError("len() of a 0-d tensor")
+        return self._info.shape[0]
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        info, f = self._info, self._file
+        items = _index_items(index)
+        for it in items:
+            if isinstance(it, slice) and it.step is not None and it.step <= 0:
+                raise ValueError("step must be greater than zero")
+        first = items[0] if items else Ellipsis
+        row = from_code(info.dtype)
+        if f.backend == "pread" and info.shape and row.pack == 1 and isinstance(first, (int, slice)):
+            # Read only rows [lo, hi) of the first dimension, then index that block.
+            n0 = info.shape[0]
+            if isinstance(first, int):
+                i = first + n0 if first < 0 else first
+                if not 0 <= i < n0:
+                    raise IndexError(f"index {first} is out of bounds for dimension 0 with size {n0}")
+                lo, hi, rest = i, i + 1, (0,) + items[1:]
+            else:
+                lo, hi, step = first.indices(n0)
+                hi = max(lo, hi)
+                rest = (slice(0, hi - lo, step),) + items[1:]
+            row_bytes = info.nbytes // n0 if n0 else 0
+            sub = TensorInfo(info.name, info.dtype, (hi - lo,) + info.shape[1:], 0, (hi - lo) * row_bytes)
+            block = f._pread_tensor(sub, f._header.data_start + info.begin + lo * row_bytes)
+            out = _int_view(block)[rest]
+        else:
+            out = _int_view(f._cpu_tensor(info))[items]
+        # get_slice returns memory of its own, like the reference (one copy of the selection).
+        out = out.clone(memory_format=torch.contiguous_format)
+        out = out.view(f._dtype_of(info))
+        return f._to_device(out)
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _int_view(t: torch.Tensor) -> torch.Tensor:
+    # Index through a same-width integer view: copies work for every dtype (float4, float8).
+    return t.view(_INT_OF_SIZE[t.element_size()]) if t.dim() else t.reshape(1).view(_INT_OF_SIZE[t.element_size()])[0]
+
+
+class SafeFile:
+    """An open .safetensors file; use ``safe_open`` or ``with SafeFile(path) as f``.
+
+    >>> with SafeFile("m.safetensors", backend="pread") as f:
+    ...     w = f.get_tensor("lm_head.weight")
+    """
+
+    def __init__(self, path: PathLike, *, device: DeviceLike = "cpu", backend: str = "mmap") -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f'backend {backend!r} is invalid (expected one of: {", ".join(map(repr, BACKENDS))})')
+        self.path = os.fspath(path)
+        self.device = normalize_device(device)
+        self.backend = backend
+        self._source = self.path
+        self._fd: int | None = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            self.file_size = os.fstat(self._fd).st_size
+            prefix = os.pread(self._fd, 8, 0)
+            n = read_header_length(prefix, source=self._source, file_size=self.file_size)
+            raw = os.pread(self._fd, n, 8)
+            self._header: Header = parse_header(raw, source=self._source, data_size=self.file_size - 8 - n)
+        except BaseException:
+            self.close()
+            raise
+        self._buf: memoryview | None = None
+        self._base = 0
+
+    # -- lifetime -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the file descriptor; tensors already handed out stay valid."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._buf = None
+
+    def __enter__(self) -> SafeFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- header ---------------------------------------------------------------------------
+    @property
+    def header(self) -> Header:
+        return self._header
+
+    def keys(self) -> list[str]:
+        """Tensor names, sorted (as the reference)."""
+        return sorted(self._header.tensors)
+
+    def offset_keys(self) -> list[str]:
+        """Tensor names in the order their bytes appear in the file."""
+        return list(self._header.tensors)
+
+    def metadata(self) -> dict[str, str] | None:
+        md = self._header.metadata
+        return dict(md) if md is not None else None
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._header.tensors[name]
+        except KeyError:
+            raise TensorNotFoundError(f"{self._source}: file does not contain tensor {name!r}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._header.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._header.tensors)
+
+    # -- tensors --------------------------------------------------------------------------
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """The whole tensor ``name`` on this file's device."""
+        return self._to_device(self._cpu_tensor(self.info(name)))
+
+    def get_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor, in file order."""
+        return {name: self._to_device(self._cpu_tensor(info)) for name, info in self._header.tensors.items()}
+
+    def get_slice(self, name: str) -> SafeSlice:
+        return SafeSlice(self, self.info(name))
+
+    def _where(self, info: TensorInfo) -> str:
+        return f"{self._source}: tensor {info.name!r}"
+
+    def _dtype_of(self, info: TensorInfo) -> torch.dtype:
+        return from_code(info.dtype).require_torch(self._where(info))
+
+    def _require_open(self) -> int:
+        if self._fd is None:
+            raise FormatError(f"{self._source}: file is closed")
+        return self._fd
+
+    def _cpu_tensor(self, info: TensorInfo) -> torch.Tensor:
+        if self.backend == "pread":
+            return self._pread_tensor(info, self._header.data_start + info.begin)
+        if self._buf is None:
+            self._buf = self._map() if self.backend == "mmap" else self._read_all()
+        return _from_window(self._buf, info, self._base, self._where(info))
+
+    def _map(self) -> memoryview:
+        fd = self._require_open()
+        self._base = self._header.data_start
+        # ACCESS_COPY = MAP_PRIVATE: tensors are writable, writes never reach the file.
+        return memoryview(mmap.mmap(fd, self.file_size, access=mmap.ACCESS_COPY))
+
+    def _read_all(self) -> memoryview:
+        fd = self._require_open()
+        start = self._header.data_start
+        self._base = 0
+        # bytearray(n) is calloc'd (pages appear on first write); tensors keep it alive through
+        # their buffer references.  One sequential read into memory we own (copy #1).
+        data = memoryview(bytearray(self.file_size - start))
+        pread_parallel(fd, data, start, source=self._source)
+        return data
+
+    def _pread_tensor(self, info: TensorInfo, offset: int) -> torch.Tensor:
+        where = self._where(info)
+        row = from_code(info.dtype, where)
+        dtype = row.require_torch(where)
+        out = torch.empty(_torch_shape(info, row, where), dtype=dtype)
+        if info.nbytes:
+            pread_parallel(self._require_open(), tensor_bytes(out), offset, source=self._source)
+        return out
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.device.type == "cpu" else t.to(self.device)
+
+
+def safe_open(
+    path: PathLike, framework: str = "pt", device: DeviceLike = "cpu", *, backend: str = "mmap"
+) -> SafeFile:
+    """Open a .safetensors file lazily; the whole header is validated here.
+
+    >>> with torchst.safe_open("m.safetensors", device="cpu") as f:
+    ...     names = f.keys(); w = f.get_tensor(names[0])
+    """
+    if framework not in ("pt", "torch", "pytorch"):
+        raise ValueError(f"framework {framework!r} is not supported by torchst; use 'pt'")
+    return SafeFile(path, device=device, backend=backend)
+
+
+def load_file(path: PathLike, device: DeviceLike = "cpu", *, backend: str = "mmap") -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file, in file order.
+
+    >>> tensors = torchst.load_file("m.safetensors", device="cpu")
+    """
+    with SafeFile(path, device=device, backend=backend) as f:
+        return f.get_tensors()
+
+
+def load(data: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:
+    """Tensors from an in-memory safetensors blob; each tensor owns its memory.
+
+    Works for every dtype torch has, F8_E8M0 and F4 included.
+
+    >>> tensors = torchst.load(torchst.save({"x": torch.ones(2)}))
+    """
+    from .header import parse_bytes
+
+    header = parse_bytes(data)
+    mv = memoryview(data)
+    out: dict[str, torch.Tensor] = {}
+    for name, info in header.tensors.items():
+        where = f"<bytes>: tensor {name!r}"
+        row = from_code(info.dtype, where)
+        t = torch.empty(_torch_shape(info, row, where), dtype=row.require_torch(where))
+        if info.nbytes:
+            start = header.data_start + info.begin
+            tensor_bytes(t)[:] = mv[start : start + info.nbytes]  # copy #1: into memory we own
+        out[name] = t
+    return out

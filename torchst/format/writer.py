@@ -1,0 +1,191 @@
+"""Write .safetensors files: header first, then tensor bytes straight from tensor memory.
+
+CPU tensors are written through memoryviews of their own memory (no per-tensor copy).
+Tensors on an accelerator pass through one bounded, reusable (pinned) host buffer.
+Files are committed atomically, so saving over a file that is still mapped is safe.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import torch
+
+from .._dtypes import DType, from_torch
+from ..errors import SerializationError, SharedTensorError
+from ..storage.atomic import atomic_write
+from ._buffers import tensor_bytes
+from .header import METADATA_KEY, build_header, encode_prefix
+
+__all__ = ["STAGING_BYTES", "WritePlan", "find_shared_tensors", "plan_write", "save", "save_file", "write_tensors"]
+
+STAGING_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class WritePlan:
+    """Header bytes (prefix included) and the tensors in the order their bytes follow."""
+
+    header: bytes
+    order: tuple[tuple[str, torch.Tensor], ...]
+
+    @property
+    def total_size(self) -> int:
+        return len(self.header) + sum(t.numel() * t.element_size() for _, t in self.order)
+
+
+def _storage_key(t: torch.Tensor) -> tuple[torch.device, int, int] | None:
+    if t.device.type == "meta":
+        return None
+    st = t.untyped_storage()
+    if st.data_ptr() == 0 or st.nbytes() == 0:
+        return None
+    return (t.device, st.data_ptr(), st.nbytes())
+
+
+def find_shared_tensors(tensors: Mapping[str, torch.Tensor]) -> list[set[str]]:
+    """Groups of names whose bytes overlap in memory (same storage *and* overlapping range).
+
+    Tensors that are disjoint windows of one storage (e.g. loaded from one mapped file) do
+    not count as shared.  Singleton groups are included, like the reference helper.
+
+    >>> a = torch.zeros(4); find_shared_tensors({"a": a, "b": a.view(2, 2)})
+    [{'a', 'b'}]
+    """
+    by_storage: dict[tuple[torch.device, int, int], list[str]] = {}
+    for name, t in tensors.items():
+        key = _storage_key(t)
+        if key is not None:
+            by_storage.setdefault(key, []).append(name)
+    groups: list[set[str]] = []
+    for names in sorted(by_storage.values(), key=sorted):
+        if len(names) == 1:
+            groups.append(set(names))
+            continue
+        areas = sorted((tensors[n].data_ptr(), _end_ptr(tensors[n]), n) for n in names)
+        _, last_stop, first = areas[0]
+        groups.append({first})
+        for start, stop, name in areas[1:]:
+            if start >= last_stop:
+                groups.append({name})
+            else:
+                groups[-1].add(name)
+            last_stop = max(last_stop, stop)
+    return groups
+
+
+def _end_ptr(t: torch.Tensor) -> int:
+    if t.numel() == 0:
+        return t.data_ptr()
+    return t.view(-1)[-1].data_ptr() + t.element_size()
+
+
+def _check_tensor(name: object, t: object) -> DType:
+    if not isinstance(name, str):
+        raise SerializationError(f"tensor names must be str, found {type(name).__name__}: {name!r}")
+    if name == METADATA_KEY:
+        raise SerializationError(f"a tensor cannot be named {METADATA_KEY!r}: the header reserves that key")
+    if not isinstance(t, torch.Tensor):
+        raise SerializationError(f"tensor {name!r}: expected a torch.Tensor, found {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise SerializationError(
+            f"tensor {name!r} is {t.layout} (sparse); safetensors stores dense tensors only: "
+            "call .to_dense() first (the file may get much larger)"
+        )
+    if t.device.type == "meta":
+        raise SerializationError(f"tensor {name!r} is on the meta device and has no data to save")
+    if not t.is_contiguous():
+        raise SerializationError(
+            f"tensor {name!r} is not contiguous (a strided view such as a transpose or a slice); "
+            "call .contiguous() on it, or save the full tensor and slice it after loading"
+        )
+    row = from_torch(t.dtype, f"tensor {name!r}")
+    if row.pack != 1 and t.dim() == 0:
+        raise SerializationError(f"tensor {name!r}: a 0-d {t.dtype} cannot be stored; reshape it to (1,)")
+    return row
+
+
+def plan_write(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> WritePlan:
+    """Validate ``tensors``/``metadata`` and lay out the file exactly as the reference does."""
+    if not isinstance(tensors, Mapping):
+        raise SerializationError(f"expected a dict of str -> torch.Tensor, found {type(tensors).__name__}")
+    rows = {name: _check_tensor(name, t) for name, t in tensors.items()}
+    shared = [sorted(g) for g in find_shared_tensors(tensors) if len(g) > 1]
+    if shared:
+        raise SharedTensorError(
+            f"tensors share memory and would be written twice: {shared}; "
+            "use torchst.save_model / save_state_dict, which store each storage once and record aliases"
+        )
+    names = sorted(tensors, key=lambda n: (-rows[n].rank, n))
+    entries = []
+    for n in names:
+        t, row = tensors[n], rows[n]
+        shape = list(t.shape)
+        if row.pack != 1:
+            shape[-1] *= row.pack  # header stores logical values: two float4 per torch element
+        entries.append((n, row.code, shape, t.numel() * t.element_size()))
+    header = build_header(entries, metadata)
+    return WritePlan(encode_prefix(header) + header, tuple((n, tensors[n]) for n in names))
+
+
+def write_tensors(
+    f: BinaryIO, plan: WritePlan, *, staging_bytes: int = STAGING_BYTES, stage_all: bool = False
+) -> None:
+    """Stream a planned file into ``f``: CPU memory directly, accelerator memory via one buffer.
+
+    ``stage_all`` sends CPU tensors through the staging buffer too (tests the device path on CPU).
+    """
+    f.write(plan.header)
+    staging: torch.Tensor | None = None
+    for _, t in plan.order:
+        nbytes = t.numel() * t.element_size()
+        if nbytes == 0:
+            continue
+        if t.device.type == "cpu" and not stage_all:
+            f.write(tensor_bytes(t))  # zero-copy: the file write reads tensor memory directly
+            continue
+        if staging is None:
+            size = min(staging_bytes, max(n.numel() * n.element_size() for _, n in plan.order))
+            pin = torch.cuda.is_available() and t.device.type == "cuda"
+            staging = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+        src = t.reshape(-1).view(torch.uint8)
+        view = tensor_bytes(staging)
+        for off in range(0, nbytes, staging.numel()):
+            k = min(staging.numel(), nbytes - off)
+            staging[:k].copy_(src[off : off + k])  # copy #1: device -> reused host buffer
+            f.write(view[:k])
+
+
+def save_file(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    fsync: bool = False,
+) -> None:
+    """Write ``tensors`` to ``path`` atomically, byte-identical to ``safetensors.torch.save_file``.
+
+    >>> torchst.save_file({"w": torch.ones(2, 2)}, "m.safetensors", metadata={"format": "pt"})
+    """
+    plan = plan_write(tensors, metadata)
+    with atomic_write(path, fsync=fsync) as f:
+        write_tensors(f, plan)
+
+
+def save(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The safetensors bytes for ``tensors`` (one copy: into the returned bytes).
+
+    >>> blob = torchst.save({"w": torch.ones(2)})
+    """
+    plan = plan_write(tensors, metadata)
+    parts: list[bytes | memoryview] = [plan.header]
+    keep = []
+    for _, t in plan.order:
+        if t.numel():
+            host = t if t.device.type == "cpu" else t.cpu()
+            keep.append(host)
+            parts.append(tensor_bytes(host))
+    return b"".join(parts)
