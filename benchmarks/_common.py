@@ -162,9 +162,7 @@ def run_worker(script: str, job: dict[str, Any] | list[dict[str, Any]], *, timeo
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("{", "["))]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"benchmark worker failed (exit {proc.returncode}) for job {job}:\n{proc.stderr[-4000:]}"
-        )
+        raise RuntimeError(f"benchmark worker failed (exit {proc.returncode}) for job {job}:\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1])
 
 

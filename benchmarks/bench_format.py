@@ -223,7 +223,9 @@ def _group(bench: str, lines: list[dict[str, Any]]) -> dict[str, Any]:
     return {"bench": bench, "lines": lines}
 
 
-def _plan(args: argparse.Namespace, sizes: dict[str, int], tmp: str, disk: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _plan(
+    args: argparse.Namespace, sizes: dict[str, int], tmp: str, disk: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     small = {"set": "small", "n": sizes["small_n"], "numel": sizes["small_numel"]}
     big = {"set": "big", "n": sizes["big_n"], "rows": sizes["rows"], "cols": sizes["cols"]}
     f = {
@@ -263,14 +265,24 @@ def _plan(args: argparse.Namespace, sizes: dict[str, int], tmp: str, disk: str) 
         )
     if "load_touch" in only:
         lines = [{"impl": "safetensors", "kind": "touch", "path": f["big_st"]}]
-        lines += [{"impl": "torchst", "backend": b, "kind": "touch", "path": f["big_st"]} for b in ("mmap", "pread", "eager")]
+        lines += [
+            {"impl": "torchst", "backend": b, "kind": "touch", "path": f["big_st"]} for b in ("mmap", "pread", "eager")
+        ]
         lines.append({"impl": "torch", "kind": "touch", "path": f["big_pt"]})
         groups.append(_group("load_touch", lines))
     if "save" in only:
         for where, (d, _) in loc.items():
             out = os.path.join(d, "out.safetensors")
             lines = [
-                {"impl": impl, "kind": "save", "out": out, "fs": where, "n": big["n"], "rows": big["rows"], "cols": big["cols"]}
+                {
+                    "impl": impl,
+                    "kind": "save",
+                    "out": out,
+                    "fs": where,
+                    "n": big["n"],
+                    "rows": big["rows"],
+                    "cols": big["cols"],
+                }
                 for impl in ("safetensors", "torchst", "torch")
             ]
             groups.append(_group(f"save_{where}", lines))
@@ -291,7 +303,9 @@ def _summarize(group: dict[str, Any], results: list[list[dict[str, Any]]], meta:
     scenario = next(s for s in SCENARIOS if bench.startswith(s))
     base_impl, kind, limit = TARGETS[scenario]
     medians = [median([r["seconds"] for r in rs]) for rs in results]
-    base_t = next(m for ln, m in zip(group["lines"], medians) if ln["impl"] == base_impl and ln.get("backend") in (None, "mmap"))
+    base_t = next(
+        m for ln, m in zip(group["lines"], medians) if ln["impl"] == base_impl and ln.get("backend") in (None, "mmap")
+    )
     torch_t = next((m for ln, m in zip(group["lines"], medians) if ln["impl"] == "torch"), None)
     for ln, rs, med in zip(group["lines"], results, medians):
         ratio = med / base_t if kind == "time" else base_t / med
