@@ -1,0 +1,33 @@
+"""Every script in examples/ runs to completion on CPU and reports what it did."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
+
+# Lines an example must print to prove it did what it claims (checked when the example exists).
+EXPECTED = {
+    "quickstart.py": ["outputs identical = True", "truncated file refused: FileSizeError"],
+}
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_runs(script: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    out = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, f"{script.name} failed:\n{out.stdout}\n{out.stderr}"
+    assert out.stdout.strip(), f"{script.name} printed nothing"
+    for phrase in EXPECTED.get(script.name, []):
+        assert phrase in out.stdout, f"{script.name} did not print {phrase!r}:\n{out.stdout}"
+
+
+def test_quickstart_is_listed() -> None:
+    assert "quickstart.py" in [p.name for p in EXAMPLES]
