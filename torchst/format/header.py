@@ -68,7 +68,7 @@ class Header:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def read_header_length(prefix: bytes, *, source: str, file_size: int) -> int:
+def read_header_length(prefix: bytes | bytearray | memoryview, *, source: str, file_size: int) -> int:
     """Decode and bound-check the 8-byte length prefix against the file size."""
     if file_size < 8 or len(prefix) < 8:
         raise HeaderError(
@@ -118,7 +118,7 @@ def _numel_bounded(shape: tuple[int, ...], bound: int) -> int:
     return n
 
 
-def parse_header(raw: bytes | memoryview, *, source: str = "<bytes>", data_size: int | None = None) -> Header:
+def parse_header(raw: bytes | bytearray | memoryview, *, source: str = "<bytes>", data_size: int | None = None) -> Header:
     """Validate the JSON header bytes (without the 8-byte prefix).
 
     ``data_size`` is the exact number of bytes that follow the header in the file;
@@ -143,7 +143,8 @@ def parse_header(raw: bytes | memoryview, *, source: str = "<bytes>", data_size:
     if metadata is not None:
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise HeaderError(f"{source}: __metadata__ must be an object of string -> string")
-    bound = (data_size if data_size is not None else 1 << 64) * 8
+    # No file holds 2**64 bytes; below that bound byte counts are exact, so messages can show them.
+    bound = 1 << 67
 
     entries: list[TensorInfo] = []
     for name, spec in obj.items():
