@@ -23,15 +23,20 @@ from .errors import (
     UnsupportedDtypeError,
 )
 from .format import SafeFile, SafeSlice, load, load_file, safe_open, save, save_file
+from .manager import CheckpointManager, KeepBest, KeepEvery, KeepLast
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
     "CheckpointLockedError",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "DeviceMapError",
     "FormatError",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLast",
     "SafeFile",
     "SafeSlice",
     "SerializationError",

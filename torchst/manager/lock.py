@@ -1,0 +1,61 @@
+"""One writer per checkpoint directory: an exclusive ``flock`` on ``directory/.lock``.
+
+The lock dies with its process (a SIGKILLed trainer never leaves a stale lock behind), and
+the file records who holds it so the refusal can say so.  The file itself is never deleted:
+unlinking a lock file while another process waits on it lets two writers in.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import time
+
+from ..errors import CheckpointError, CheckpointLockedError
+
+__all__ = ["LOCK_NAME", "DirectoryLock"]
+
+LOCK_NAME = ".lock"
+
+
+class DirectoryLock:
+    """Hold the writer lock of ``directory`` until ``release()`` (or process exit).
+
+    >>> lock = DirectoryLock("ckpt")   # CheckpointLockedError if another writer holds it
+    >>> lock.release()
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, LOCK_NAME)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot create the writer lock file ({e.strerror})") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise CheckpointLockedError(
+                    f"{directory}: another CheckpointManager is writing to this directory ({holder}); "
+                    "two writers would interleave their steps. Stop the other run, close() its manager, "
+                    "or open this one with read_only=True to only restore"
+                ) from None
+            raise CheckpointError(f"{self.path}: cannot lock ({e.strerror})") from e
+        self._fd: int | None = fd
+        info = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Give the lock up; safe to call twice."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the descriptor drops the flock

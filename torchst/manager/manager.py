@@ -1,0 +1,322 @@
+"""``CheckpointManager``: numbered steps in a directory, atomic commits, retention, async saves."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import threading
+import weakref
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, CheckpointNotFoundError, SerializationError
+from ..format.reader import safe_open
+from ..state import STATE_FILE, EncodedState, decode_state, encode_state, restore_state
+from ..state.tree import Json, TensorTable, TreeDecoder, TreeEncoder
+from .layout import cleanup, committed_steps, read_manifest, remove_step, step_dir
+from .lock import DirectoryLock
+from .retention import AnyOf, KeepLast, RetentionPolicy, StepInfo
+from .snapshot import HostArena
+from .writer import describe_os_error, write_step
+
+__all__ = ["CheckpointManager"]
+
+_LIVE: weakref.WeakSet[CheckpointManager] = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_pending_saves() -> None:
+    # Worker threads are non-daemon, so the interpreter has already joined them; what is left
+    # is to report a failure nobody collected, instead of exiting as if the save succeeded.
+    for mgr in list(_LIVE):
+        try:
+            mgr.wait()
+        except CheckpointError as e:
+            print(f"torchst: an asynchronous checkpoint save failed: {e}", file=sys.stderr)
+
+
+class CheckpointManager:
+    """Save and restore numbered training checkpoints in ``directory``.
+
+    Each ``save(step, state)`` becomes ``directory/step_<n>/``, committed atomically (a crash
+    leaves the previous steps intact and no partial step visible).  ``state`` maps names to
+    modules, optimizers, schedulers, any object with ``state_dict()``/``load_state_dict()``,
+    and plain values nested freely; nothing is pickled.  RNG state is saved and restored too.
+
+    >>> mgr = torchst.CheckpointManager("ckpt", keep_last=3, async_save=True)
+    >>> mgr.save(100, {"model": model, "optim": opt, "sched": sched, "epoch": 2})
+    >>> step = mgr.restore({"model": model, "optim": opt, "sched": sched})  # latest step
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        keep_last: int | None = 3,
+        keep: RetentionPolicy | None = None,
+        async_save: bool = False,
+        save_rng: bool = True,
+        read_only: bool = False,
+    ) -> None:
+        self.directory = os.path.abspath(os.fspath(directory))
+        policies: list[RetentionPolicy] = [] if keep_last is None else [KeepLast(keep_last)]
+        if keep is not None:
+            if not isinstance(keep, RetentionPolicy):
+                raise TypeError(f"keep must be a retention policy such as KeepEvery(1000), found {keep!r}")
+            policies.append(keep)
+        self.retention: RetentionPolicy | None = AnyOf(*policies) if policies else None
+        self.async_save = async_save
+        self.save_rng = save_rng
+        self.read_only = read_only
+        self._lock: DirectoryLock | None = None
+        self._arena = HostArena()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._metrics: dict[int, Mapping[str, Any]] = {}
+        if read_only:
+            if not os.path.isdir(self.directory):
+                raise CheckpointNotFoundError(f"{self.directory}: checkpoint directory does not exist")
+            return
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"{self.directory}: cannot create the checkpoint directory: {describe_os_error(e)}")
+        self._lock = DirectoryLock(self.directory)
+        cleanup(self.directory)  # leftovers of a crashed writer; safe now that we hold the lock
+        _LIVE.add(self)
+
+    # -- listing ------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """Committed steps, ascending; in-progress and interrupted saves are never listed.
+
+        >>> mgr.steps()
+        [800, 900, 1000]
+        """
+        return committed_steps(self.directory)
+
+    def latest_step(self) -> int | None:
+        """The highest committed step, or None when there is none yet."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def path(self, step: int) -> str:
+        """Directory of a committed step (its model files are ordinary safetensors files)."""
+        self._manifest(step)
+        return step_dir(self.directory, step)
+
+    def metrics(self, step: int) -> dict[str, Any]:
+        """The ``metrics`` passed to ``save()`` for ``step``."""
+        value = TreeDecoder(lambda n, d: torch.empty(0)).decode(self._manifest(step).get("metrics"))
+        return dict(value) if isinstance(value, dict) else {}
+
+    # -- saving -------------------------------------------------------------------------
+    def save(self, step: int, state: Mapping[str, Any], *, metrics: Mapping[str, Any] | None = None) -> None:
+        """Checkpoint ``state`` as ``step``; with ``async_save`` return once it is snapshotted.
+
+        ``metrics`` (e.g. ``{"val_loss": 0.31}``) are stored in the manifest for ``KeepBest``.
+        A failed background save is raised here (or by ``wait()``), never swallowed.
+
+        >>> mgr.save(step, {"model": model, "optim": opt}, metrics={"val_loss": loss})
+        """
+        if self.read_only or self._lock is None or not self._lock.held:
+            raise CheckpointError(f"{self.directory}: this manager is read-only or closed; it cannot save")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise SerializationError(f"step must be an int >= 0, found {step!r}")
+        self.wait()  # one save in flight: the previous one must be durable before the next starts
+        if not os.path.isdir(self.directory):
+            raise CheckpointError(
+                f"{self.directory}: the checkpoint directory no longer exists (deleted or unmounted?); "
+                f"nothing was saved for step {step}. Recreate it or point the manager elsewhere"
+            )
+        metrics_tree = self._encode_metrics(metrics)
+        enc = encode_state(state, rng=self.save_rng)
+        files = self._arena.snapshot(enc.files) if self.async_save else enc.files
+        job = EncodedState(enc.tree, files)
+        if not self.async_save:
+            self._write(step, job, metrics_tree, dict(metrics or {}))
+            return
+        self._thread = threading.Thread(
+            target=self._background,
+            args=(step, job, metrics_tree, dict(metrics or {})),
+            name=f"torchst-save-step_{step}",
+            daemon=False,  # non-daemon: the interpreter finishes it at exit
+        )
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is durable; raise its failure if it failed.
+
+        >>> mgr.save(step, state); mgr.wait()  # step is now committed on disk
+        """
+        thread = self._thread
+        if thread is not None:
+            thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            if isinstance(error, CheckpointError):
+                raise error
+            raise CheckpointError(f"{self.directory}: the background save failed: {error!r}") from error
+
+    def _background(self, step: int, job: EncodedState, metrics_tree: Json, metrics: dict[str, Any]) -> None:
+        try:
+            self._write(step, job, metrics_tree, metrics)
+        except BaseException as e:  # noqa: BLE001 - handed to the next save()/wait(), which raise it
+            self._error = e
+
+    def _write(self, step: int, job: EncodedState, metrics_tree: Json, metrics: dict[str, Any]) -> None:
+        earlier = self.steps()
+        aside = write_step(self.directory, step, job.files, job.tree, metrics_tree, earlier=earlier)
+        self._metrics[step] = metrics
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)  # the step's previous copy, replaced and now unused
+        self._apply_retention()
+
+    def _encode_metrics(self, metrics: Mapping[str, Any] | None) -> Json:
+        if metrics is None:
+            return {}
+        if not isinstance(metrics, Mapping) or not all(isinstance(k, str) for k in metrics):
+            raise SerializationError(f"metrics must be a dict with str keys, found {metrics!r}")
+        table = TensorTable()
+        tree = TreeEncoder(table).encode(dict(metrics), ("<metrics>",))
+        if table.tensors:
+            raise SerializationError("metrics must be plain numbers or strings, not tensors (use .item())")
+        return tree
+
+    def _apply_retention(self) -> None:
+        if self.retention is None:
+            return
+        steps = self.steps()
+        if len(steps) < 2:
+            return
+        infos = [StepInfo(s, self._step_metrics(s)) for s in steps]
+        keep = self.retention.keep(infos) | {steps[-1]}  # never the newest
+        for s in steps:
+            if s not in keep:
+                try:
+                    remove_step(self.directory, s)
+                except OSError as e:
+                    raise CheckpointError(
+                        f"{self.directory}: step {s} could not be deleted by the retention policy: "
+                        f"{describe_os_error(e)}; the new step is committed"
+                    ) from e
+                self._metrics.pop(s, None)
+
+    def _step_metrics(self, step: int) -> Mapping[str, Any]:
+        if step not in self._metrics:
+            try:
+                self._metrics[step] = self.metrics(step)
+            except CheckpointError:
+                self._metrics[step] = {}
+        return self._metrics[step]
+
+    # -- restoring ----------------------------------------------------------------------
+    def _manifest(self, step: int) -> dict[str, Any]:
+        return read_manifest(self.directory, step)
+
+    def _resolve(self, step: int | None) -> int:
+        if self._lock is not None:
+            self.wait()
+        if step is None:
+            latest = self.latest_step()
+            if latest is None:
+                raise CheckpointNotFoundError(f"{self.directory}: no committed checkpoint to restore")
+            return latest
+        if step not in self.steps():
+            raise CheckpointNotFoundError(
+                f"{self.directory}: step {step} is not a committed checkpoint; committed steps: {self.steps()}"
+            )
+        return step
+
+    def _reader(self, step: int, manifest: dict[str, Any]) -> Any:
+        base = step_dir(self.directory, step)
+        files = manifest["files"]
+        cache: dict[str, tuple[Mapping[str, torch.Tensor], Mapping[str, str]]] = {}
+
+        def read(rel: str) -> tuple[Mapping[str, torch.Tensor], Mapping[str, str]]:
+            if rel in cache:
+                return cache[rel]
+            entry = files.get(rel)
+            path = os.path.join(base, rel)
+            if not isinstance(entry, dict) or os.path.normpath(path) != path or not path.startswith(base + os.sep):
+                raise CheckpointError(f"{base}: manifest does not list a valid file {rel!r}; the step is damaged")
+            try:
+                size = os.path.getsize(path)
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot read checkpoint file: {describe_os_error(e)}") from e
+            if size != entry.get("size"):
+                raise CheckpointError(
+                    f"{path}: {size:,} bytes but the manifest says {entry.get('size')!r}; the step is damaged"
+                )
+            # Modules copy out in load_state_dict, so a zero-copy mapping is enough; other state
+            # (optimizer moments) is kept by its owner, so it gets memory of its own.
+            backend = "pread" if rel == STATE_FILE else "mmap"
+            with safe_open(path, backend=backend) as f:
+                cache[rel] = (f.get_tensors(), f.metadata() or {})
+            return cache[rel]
+
+        return read
+
+    def restore(
+        self,
+        state: MutableMapping[str, Any],
+        step: int | None = None,
+        *,
+        restore_rng: bool = True,
+        device: str | torch.device | None = None,
+    ) -> int:
+        """Load ``step`` (default: the latest committed) into ``state`` in place; return the step.
+
+        Stateful objects are loaded with their own ``load_state_dict``; plain values in
+        ``state`` are replaced by the saved ones.  Keys of the checkpoint that ``state`` does
+        not name are skipped.  Waits for a save in flight first.
+
+        >>> start = mgr.restore({"model": model, "optim": opt, "sched": sched}) + 1
+        """
+        if not isinstance(state, MutableMapping):
+            raise TypeError(f"restore() takes the dict of objects to load into, found {type(state).__name__}")
+        step = self._resolve(step)
+        manifest = self._manifest(step)
+        where = f"{step_dir(self.directory, step)}"
+        restore_state(
+            state, manifest["tree"], self._reader(step, manifest), rng=restore_rng, device=device, where=where
+        )
+        return step
+
+    def read(self, step: int | None = None) -> dict[str, Any]:
+        """The saved state of ``step`` as plain values (modules and optimizers as state dicts).
+
+        >>> mgr.read()["model"]["fc.weight"].shape
+        """
+        step = self._resolve(step)
+        manifest = self._manifest(step)
+        return decode_state(manifest["tree"], self._reader(step, manifest), where=step_dir(self.directory, step))
+
+    # -- lifetime -----------------------------------------------------------------------
+    def close(self) -> None:
+        """Finish the save in flight and release the directory lock."""
+        try:
+            if self._lock is not None:
+                self.wait()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+            _LIVE.discard(self)
+
+    def __enter__(self) -> CheckpointManager:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self.directory!r}, retention={self.retention!r}, async_save={self.async_save})"

@@ -1,0 +1,109 @@
+"""Optimizer state keyed by parameter *name*, so it restores into freshly built objects.
+
+``optimizer.state_dict()`` numbers parameters by position across its param groups; a
+model rebuilt with groups in another order (or a new optimizer that has not stepped yet)
+would silently receive the wrong moments.  Here every parameter is named after the module
+attribute that holds it (``"encoder.0.weight"``); parameters that no module in the
+checkpoint holds are named by position (``"#3"``), as torch does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+
+__all__ = ["load_named_optimizer_state", "named_optimizer_state", "parameter_names"]
+
+
+def parameter_names(modules: Iterable[tuple[str, torch.nn.Module]]) -> dict[int, str]:
+    """``id(param) -> name`` for every parameter of ``modules``, prefixed by ``prefix.`` when given.
+
+    >>> names = parameter_names([("", model)])
+    >>> names[id(model.fc.weight)]
+    'fc.weight'
+    """
+    out: dict[int, str] = {}
+    for prefix, module in modules:
+        for name, p in module.named_parameters(remove_duplicate=False):
+            out.setdefault(id(p), f"{prefix}.{name}" if prefix else name)  # tied: first name wins
+    return out
+
+
+def _names(optimizer: torch.optim.Optimizer, names: Mapping[int, str]) -> list[str]:
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    return [names.get(id(p), f"#{k}") for k, p in enumerate(params)]
+
+
+def named_optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[int, str]) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with positional parameter ids replaced by names.
+
+    >>> sd = named_optimizer_state(opt, parameter_names([("", model)]))
+    >>> sorted(sd["state"])  # e.g. ['fc.bias', 'fc.weight']
+    """
+    sd = optimizer.state_dict()
+    ordered = _names(optimizer, names)
+    if len(set(ordered)) != len(ordered):
+        dupes = sorted({n for n in ordered if ordered.count(n) > 1})
+        raise CheckpointError(f"optimizer holds the same parameter twice ({dupes}); torch optimizers forbid this")
+    ids = [i for g in sd["param_groups"] for i in g["params"]]
+    if len(ids) != len(ordered):
+        raise CheckpointError(
+            f"{type(optimizer).__name__}.state_dict() lists {len(ids)} parameters but its param_groups hold "
+            f"{len(ordered)}; cannot key its state by parameter name"
+        )
+    by_id = dict(zip(ids, ordered))
+    state = {by_id[k]: v for k, v in sd["state"].items() if k in by_id}
+    groups = [{**g, "params": [by_id[i] for i in g["params"]]} for g in sd["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def load_named_optimizer_state(
+    optimizer: torch.optim.Optimizer, saved: Mapping[str, Any], names: Mapping[int, str], *, where: str = "optimizer"
+) -> None:
+    """Load a ``named_optimizer_state`` dict into ``optimizer``, matching parameters by name.
+
+    Works when the optimizer has not stepped yet and when param groups were reordered; the
+    hyperparameters of each group come from the saved group that held the same parameters.
+
+    >>> load_named_optimizer_state(fresh_opt, sd, parameter_names([("", fresh_model)]))
+    """
+    if not isinstance(saved, Mapping) or "param_groups" not in saved or "state" not in saved:
+        raise CheckpointError(f"{where}: the saved entry is not an optimizer state (no 'state'/'param_groups')")
+    ordered = _names(optimizer, names)
+    group_of: dict[str, int] = {}
+    for gi, g in enumerate(saved["param_groups"]):
+        for n in g["params"]:
+            group_of[n] = gi
+    missing = [n for n in ordered if n not in group_of]
+    unexpected = sorted(set(group_of) - set(ordered))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where}: the optimizer's parameters do not match the checkpoint: missing from the checkpoint "
+            f"{missing[:8]}{' ...' if len(missing) > 8 else ''}, in the checkpoint but not in the optimizer "
+            f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}; build the model and optimizer as when "
+            "saving (names come from the modules saved in the same checkpoint)"
+        )
+    groups: list[dict[str, Any]] = []
+    k = 0
+    for gi, g in enumerate(optimizer.param_groups):
+        members = ordered[k : k + len(g["params"])]
+        ids = list(range(k, k + len(members)))
+        k += len(members)
+        sources = sorted({group_of[n] for n in members})
+        if len(sources) != 1 or len(saved["param_groups"][sources[0]]["params"]) != len(members):
+            raise CheckpointError(
+                f"{where}: param group {gi} holds {members[:4]}{' ...' if len(members) > 4 else ''}, which "
+                "were not one group when saved; keep the same grouping (the order of groups may change)"
+            )
+        src = saved["param_groups"][sources[0]]
+        new = {key: v for key, v in src.items() if key not in ("params", "param_names")}
+        new["params"] = ids
+        if "param_names" in g:
+            new["param_names"] = list(g["param_names"])
+        groups.append(new)
+    state = {i: saved["state"][n] for i, n in enumerate(ordered) if n in saved["state"]}
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
