@@ -77,7 +77,7 @@ def test_containers_tuples_lists_sets_and_non_str_keys() -> None:
         "tuple": (1, (2.0, [3]), ()),
         "list": [(1,), []],
         "int keys": {0: "a", -5: "b"},
-        "mixed keys": {1: 1, "1": 2, 1.5: 3, (1, 2): 4, None: 5, True: 6},
+        "mixed keys": {1: 1, "1": 2, 1.5: 3, (1, 2): 4, None: 5, False: 6},
         "$dollar": {"$tensor": "not a tag"},
         "set": {3, 1, 2},
         "frozen": frozenset({"x"}),
