@@ -24,6 +24,8 @@ from .errors import (
 )
 from .format import SafeFile, SafeSlice, load, load_file, safe_open, save, save_file
 from .manager import CheckpointManager, KeepBest, KeepEvery, KeepLast
+from .nn import PretrainedMixin, load_model, save_model
+from .sharding import load_state_dict, save_state_dict
 
 __version__ = "0.1.0"
 
@@ -37,6 +39,7 @@ __all__ = [
     "KeepBest",
     "KeepEvery",
     "KeepLast",
+    "PretrainedMixin",
     "SafeFile",
     "SafeSlice",
     "SerializationError",
@@ -49,7 +52,11 @@ __all__ = [
     "errors",
     "load",
     "load_file",
+    "load_model",
+    "load_state_dict",
     "safe_open",
     "save",
     "save_file",
+    "save_model",
+    "save_state_dict",
 ]
