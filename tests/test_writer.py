@@ -114,6 +114,14 @@ def test_single_key_metadata_identical() -> None:
     assert torchst.save({}, metadata={"format": "pt"}) == ref.save({}, metadata={"format": "pt"})
 
 
+def test_empty_metadata_without_tensors_is_valid_json() -> None:
+    # safetensors 0.8 writes '{},"__metadata__":{}}' here, which nobody can read back.
+    blob = torchst.save({}, metadata={})
+    assert blob == b'\x18\x00\x00\x00\x00\x00\x00\x00{"__metadata__":{}}     '
+    assert torchst.load(blob) == {} and ref.load(blob) == {}
+    assert torchst.save({"w": torch.ones(1)}, metadata={}) == ref.save({"w": torch.ones(1)}, metadata={})
+
+
 def test_multi_key_metadata_same_json_and_data() -> None:
     # The reference writes metadata in HashMap order; compare parsed headers and the data section.
     tensors = {"w": torch.arange(6.0), "b": torch.ones(3, dtype=torch.bfloat16)}
