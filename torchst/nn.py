@@ -358,13 +358,14 @@ def cast_on_save(module: nn.Module, dtype: torch.dtype) -> RemovableHandle:
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, found {dtype!r}")
-    cache: dict[int, torch.Tensor] = {}
+    cache: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def hook(mod: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
         for key, value in state_dict.items():
             if key.startswith(prefix) and isinstance(value, torch.Tensor) and value.is_floating_point():
-                # one cast per source tensor keeps tied weights tied in the saved state
-                state_dict[key] = cache.setdefault(id(value), value.to(dtype))
+                # one cast per source memory keeps tied weights tied in the saved state
+                ident = (value.device, value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+                state_dict[key] = cache.setdefault(ident, value.to(dtype))
         cache.clear()
 
     handle: RemovableHandle = module.register_state_dict_post_hook(hook)  # type: ignore[no-untyped-call]
