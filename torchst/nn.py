@@ -203,6 +203,13 @@ def load_model(
     unexpected = [k for k in result.unexpected_keys if k not in ckpt.aliases]
     if assign:
         _retie(model, groups, loaded)
+    if missing and callable(getattr(model, "tie_weights", None)):
+        # transformers models declare ties (``_tied_weights_keys`` + config) that a model built
+        # under init_empty_weights may not have applied yet; the file then lacks the tied name.
+        model.tie_weights()
+        tied_now = {n: g for g in _tensors_by_name(model)[1] for n in g}
+        missing = [k for k in missing if not any(o in loaded for o in tied_now.get(k, ()))]
+    if assign:
         _place_leftovers(model, loaded, dev, prefixes)
     if strict and (missing or unexpected):
         raise CheckpointError(_mismatch_message(model, ckpt.source, missing, unexpected))
