@@ -31,7 +31,7 @@ from .dedup import TiedKeys
 from .devices import DeviceMap, check_device, infer_device_map, resolve_device_map
 from .errors import CheckpointError, DeviceMapError, SerializationError
 from .format.reader import DeviceLike
-from .sharding.io import SaveResult, open_checkpoint, save_state_dict
+from .sharding.io import Checkpoint, SaveResult, open_checkpoint, save_state_dict
 from .storage.atomic import atomic_write
 
 __all__ = [
@@ -141,10 +141,6 @@ def _tensors_by_name(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[li
     return named, [g for g in groups.values() if len(g) > 1]
 
 
-def _is_float(dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point
-
-
 def load_model(
     model: nn.Module,
     path_or_directory: PathLike,
@@ -180,9 +176,9 @@ def load_model(
     dtypes: dict[str, torch.dtype] = {}
     if assign:  # new tensors take the model's declared dtype (or ``dtype``), as copying in would
         for n in ckpt.tensors:
-            if n in named and not (dtype is not None and _is_float(named[n].dtype)):
+            if n in named and not (dtype is not None and named[n].dtype.is_floating_point):
                 dtypes[n] = named[n].dtype
-    _check_shapes(ckpt, named, ckpt.source)
+    _check_shapes(ckpt, named)
     state = ckpt.load(
         device_map={"": dev, **devices},
         dtype=dtype,
@@ -203,10 +199,11 @@ def load_model(
     unexpected = [k for k in result.unexpected_keys if k not in ckpt.aliases]
     if assign:
         _retie(model, groups, loaded)
-    if missing and callable(getattr(model, "tie_weights", None)):
+    tie_weights = getattr(model, "tie_weights", None)
+    if missing and callable(tie_weights):
         # transformers models declare ties (``_tied_weights_keys`` + config) that a model built
         # under init_empty_weights may not have applied yet; the file then lacks the tied name.
-        model.tie_weights()
+        tie_weights()
         tied_now = {n: g for g in _tensors_by_name(model)[1] for n in g}
         missing = [k for k in missing if not any(o in loaded for o in tied_now.get(k, ()))]
     if assign:
@@ -248,24 +245,16 @@ def _placement(
     return devices
 
 
-def _check_shapes(ckpt: Any, named: Mapping[str, torch.Tensor], source: str) -> None:
-    from ._dtypes import from_code
-    from .format.reader import _torch_shape
-
+def _check_shapes(ckpt: Checkpoint, named: Mapping[str, torch.Tensor]) -> None:
     wrong = []
-    for n, (_, _, info) in ckpt.tensors.items():
-        if n in named:
-            shape = _torch_shape(info, from_code(info.dtype), n)
-            if tuple(named[n].shape) != shape:
-                wrong.append(f"{n!r}: checkpoint has shape {list(shape)}, the model has {list(named[n].shape)}")
-    for alias, kept in ckpt.aliases.items():
-        if alias in named and kept in ckpt.tensors:
-            shape = _torch_shape(ckpt.tensors[kept][2], from_code(ckpt.tensors[kept][2].dtype), alias)
-            if tuple(named[alias].shape) != shape:
-                wrong.append(f"{alias!r}: checkpoint has shape {list(shape)}, the model has {list(named[alias].shape)}")
+    for name, kept in [(n, n) for n in ckpt.tensors] + list(ckpt.aliases.items()):
+        if name in named and kept in ckpt.tensors:
+            shape = ckpt._request(kept, torch.device("meta"), None).shape
+            if tuple(named[name].shape) != shape:
+                wrong.append(f"{name!r}: checkpoint has shape {list(shape)}, the model has {list(named[name].shape)}")
     if wrong:
         raise CheckpointError(
-            f"{source}: size mismatch for {len(wrong)} tensor(s) (nothing was loaded): " + "; ".join(wrong[:10])
+            f"{ckpt.source}: size mismatch for {len(wrong)} tensor(s) (nothing was loaded): " + "; ".join(wrong[:10])
         )
 
 
