@@ -387,11 +387,26 @@ def params_on_meta() -> Iterator[None]:
             assert p is not None
             self._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
 
+    # Initialising meta tensors is pointless and slow (torch routes some of it through its
+    # compiler stack); skip the torch.nn.init functions for meta tensors only, like transformers.
+    inits = {n: getattr(nn.init, n) for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")}
+
+    def skip_meta(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def init(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+            return tensor if isinstance(tensor, torch.Tensor) and tensor.is_meta else fn(tensor, *args, **kwargs)
+
+        return init
+
     nn.Module.register_parameter = register  # type: ignore[method-assign]
+    for name, fn in inits.items():
+        setattr(nn.init, name, skip_meta(fn))
     try:
         yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
+        for name, fn in inits.items():
+            setattr(nn.init, name, fn)
 
 
 T = TypeVar("T", bound="PretrainedMixin")
