@@ -286,3 +286,22 @@ def test_bad_arguments(tmp_path: Path) -> None:
 def test_public_names_are_exported() -> None:
     assert torchst.CheckpointManager is CheckpointManager
     assert {"CheckpointManager", "KeepBest", "KeepEvery", "KeepLast"} <= set(torchst.__all__)
+
+
+def test_bad_tensors_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path, async_save=True)
+    with pytest.raises(SerializationError, match="meta device"):
+        mgr.save(1, {"x": torch.empty(2, device="meta")})
+    mgr.wait()
+    assert mgr.steps() == [] and sorted(os.listdir(tmp_path)) == [".lock"]
+
+
+def test_grad_scaler_and_scheduler_round_trip(tmp_path: Path) -> None:
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+    scaler._lazy_init_scale_growth_tracker(torch.device("cpu"))
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"scaler": scaler})
+        fresh = torch.amp.GradScaler("cpu")
+        mgr.restore({"scaler": fresh})
+    assert fresh.state_dict() == scaler.state_dict()
+    assert fresh.get_scale() == 1024.0 and fresh.get_growth_interval() == 7

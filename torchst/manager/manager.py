@@ -9,23 +9,31 @@ import sys
 import threading
 import weakref
 from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import CheckpointError, CheckpointNotFoundError, SerializationError
 from ..format.reader import safe_open
-from ..state import STATE_FILE, EncodedState, decode_state, encode_state, restore_state
+from ..format.writer import WritePlan
+from ..state import STATE_FILE, decode_state, encode_state, restore_state
 from ..state.tree import Json, TensorTable, TreeDecoder, TreeEncoder
 from .layout import cleanup, committed_steps, read_manifest, remove_step, step_dir
 from .lock import DirectoryLock
 from .retention import AnyOf, KeepLast, RetentionPolicy, StepInfo
 from .snapshot import HostArena
-from .writer import describe_os_error, write_step
+from .writer import describe_os_error, plan_files, write_step
 
 __all__ = ["CheckpointManager"]
 
 _LIVE: weakref.WeakSet[CheckpointManager] = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class _Job:
+    tree: dict[str, Json]
+    plans: dict[str, WritePlan]
 
 
 @atexit.register
@@ -134,8 +142,10 @@ class CheckpointManager:
             )
         metrics_tree = self._encode_metrics(metrics)
         enc = encode_state(state, rng=self.save_rng)
-        files = self._arena.snapshot(enc.files) if self.async_save else enc.files
-        job = EncodedState(enc.tree, files)
+        plans = plan_files(enc.files)  # bad dtypes, meta tensors... are raised here, not in the background
+        if self.async_save:
+            plans = plan_files(self._arena.snapshot(enc.files))
+        job = _Job(enc.tree, plans)
         if not self.async_save:
             self._write(step, job, metrics_tree, dict(metrics or {}))
             return
@@ -162,15 +172,15 @@ class CheckpointManager:
                 raise error
             raise CheckpointError(f"{self.directory}: the background save failed: {error!r}") from error
 
-    def _background(self, step: int, job: EncodedState, metrics_tree: Json, metrics: dict[str, Any]) -> None:
+    def _background(self, step: int, job: _Job, metrics_tree: Json, metrics: dict[str, Any]) -> None:
         try:
             self._write(step, job, metrics_tree, metrics)
         except BaseException as e:  # noqa: BLE001 - handed to the next save()/wait(), which raise it
             self._error = e
 
-    def _write(self, step: int, job: EncodedState, metrics_tree: Json, metrics: dict[str, Any]) -> None:
+    def _write(self, step: int, job: _Job, metrics_tree: Json, metrics: dict[str, Any]) -> None:
         earlier = self.steps()
-        aside = write_step(self.directory, step, job.files, job.tree, metrics_tree, earlier=earlier)
+        aside = write_step(self.directory, step, job.plans, job.tree, metrics_tree, earlier=earlier)
         self._metrics[step] = metrics
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)  # the step's previous copy, replaced and now unused

@@ -9,13 +9,13 @@ import time
 from collections.abc import Mapping
 
 from ..errors import CheckpointError
-from ..format.writer import plan_write, write_tensors
+from ..format.writer import WritePlan, plan_write, write_tensors
 from ..state import FileSpec
 from ..state.tree import Json
 from ..storage.atomic import WRITE_BUFFER, fsync_dir
 from .layout import FORMAT, MANIFEST, VERSION, commit, new_temp_dir, write_json
 
-__all__ = ["describe_os_error", "write_step"]
+__all__ = ["describe_os_error", "plan_files", "write_step"]
 
 _HINTS = {
     errno.ENOSPC: "the disk is full: free space, lower keep_last, or save to a larger volume",
@@ -35,8 +35,12 @@ def describe_os_error(e: OSError) -> str:
     return f"{what} ({errno.errorcode.get(e.errno or -1, e.errno)}): {hint}" if hint else what
 
 
-def _write_file(path: str, spec: FileSpec) -> int:
-    plan = plan_write(spec.tensors, spec.metadata)
+def plan_files(files: Mapping[str, FileSpec]) -> dict[str, WritePlan]:
+    """Validate and lay out every file of a step (raises SerializationError before any I/O)."""
+    return {rel: plan_write(spec.tensors, spec.metadata) for rel, spec in files.items()}
+
+
+def _write_file(path: str, plan: WritePlan) -> int:
     with open(path, "xb", buffering=WRITE_BUFFER) as f:
         write_tensors(f, plan)
         f.flush()
@@ -47,7 +51,7 @@ def _write_file(path: str, spec: FileSpec) -> int:
 def write_step(
     directory: str,
     step: int,
-    files: Mapping[str, FileSpec],
+    files: Mapping[str, WritePlan],
     tree: Mapping[str, Json],
     metrics: Json,
     *,
@@ -62,13 +66,13 @@ def write_step(
         temp = new_temp_dir(directory, step)
         sizes: dict[str, Json] = {}
         subdirs = set()
-        for rel, spec in files.items():
+        for rel, plan in files.items():
             path = os.path.join(temp, rel)
             parent = os.path.dirname(path)
             if parent != temp and parent not in subdirs:
                 os.makedirs(parent)
                 subdirs.add(parent)
-            sizes[rel] = {"size": _write_file(path, spec)}
+            sizes[rel] = {"size": _write_file(path, plan)}
         for sub in subdirs:
             fsync_dir(sub)
         manifest: dict[str, Json] = {
