@@ -13,16 +13,18 @@ The header is validated completely when the file is opened, before any data is r
 
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from .._dtypes import DType, from_code
+from .._dtypes import DTYPES, DType, from_code
 from ..errors import DeviceMapError, FormatError, TensorNotFoundError, UnsupportedDtypeError
-from ._buffers import pread_into, pread_parallel, tensor_bytes
+from ._buffers import anon_buffer, pread_parallel, read_scatter, tensor_bytes
 from .header import Header, TensorInfo, parse_header, read_header_length
 
 __all__ = ["BACKENDS", "SafeFile", "SafeSlice", "load", "load_file", "normalize_device", "safe_open"]
@@ -59,19 +61,44 @@ def _torch_shape(info: TensorInfo, row: DType, where: str) -> tuple[int, ...]:
     return info.shape[:-1] + (info.shape[-1] // row.pack,)
 
 
-def _from_window(buf: memoryview | bytes, info: TensorInfo, base: int, where: str) -> torch.Tensor:
-    """Tensor over ``buf[base+begin : base+end]``: zero-copy when aligned, else one copy."""
-    row = from_code(info.dtype, where)
-    dtype = row.require_torch(where)
-    shape = _torch_shape(info, row, where)
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    # A 10,000-tensor header or load allocates ~100,000 containers; each allocation burst
+    # triggers cyclic GC passes that rescan every live object of the process (torch alone
+    # has ~150,000), which cost twice the parse itself.  Nothing made here forms cycles.
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _torch_view(info: TensorInfo, source: str) -> tuple[torch.dtype, tuple[int, ...], int]:
+    """(torch dtype, torch shape, torch element size) of a validated header entry."""
+    row = DTYPES[info.dtype]  # the code was checked by parse_header
+    if row.torch_dtype is not None and row.pack == 1:
+        return row.torch_dtype, info.shape, row.itemsize  # the hot path builds no message
+    where = f"{source}: tensor {info.name!r}"
+    return row.require_torch(where), _torch_shape(info, row, where), row.itemsize
+
+
+def _from_window(buf: memoryview | bytes, info: TensorInfo, base: int, address: int, source: str) -> torch.Tensor:
+    """Tensor over ``buf[base+begin : base+end]`` (``address``: where buf starts in memory).
+
+    Zero-copy when aligned, else one copy.  The tensor gets a storage of its own over
+    exactly its bytes, so nothing looks shared to ``find_shared_tensors`` or the reference.
+    """
+    dtype, shape, itemsize = _torch_view(info, source)
     if info.nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     start = base + info.begin
-    window = buf[start : start + info.nbytes]
-    raw = torch.frombuffer(window, dtype=torch.uint8)
-    if raw.data_ptr() % row.itemsize:
-        # Third-party writers may misalign data; torch kernels need aligned memory (copy #1).
-        raw = raw.clone()
+    if (address + start) % itemsize == 0:
+        return torch.frombuffer(buf, dtype=dtype, count=info.nbytes // itemsize, offset=start).view(shape)
+    # Third-party writers may misalign data; torch kernels need aligned memory (copy #1).
+    raw = torch.frombuffer(buf, dtype=torch.uint8, count=info.nbytes, offset=start).clone()
     return raw.view(dtype).view(shape)
 
 
@@ -169,12 +196,14 @@ class SafeFile:
             prefix = os.pread(self._fd, 8, 0)
             n = read_header_length(prefix, source=self._source, file_size=self.file_size)
             raw = os.pread(self._fd, n, 8)
-            self._header: Header = parse_header(raw, source=self._source, data_size=self.file_size - 8 - n)
+            with _gc_paused():
+                self._header: Header = parse_header(raw, source=self._source, data_size=self.file_size - 8 - n)
         except BaseException:
             self.close()
             raise
         self._buf: memoryview | None = None
         self._base = 0
+        self._address = 0
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
@@ -235,7 +264,11 @@ class SafeFile:
 
     def get_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor, in file order."""
-        return {name: self._to_device(self._cpu_tensor(info)) for name, info in self._header.tensors.items()}
+        infos = self._header.tensors
+        with _gc_paused():
+            if self.backend == "pread":
+                return {name: self._to_device(t) for name, t in zip(infos, self._pread_many(infos.values()))}
+            return {name: self._to_device(self._cpu_tensor(info)) for name, info in infos.items()}
 
     def get_slice(self, name: str) -> SafeSlice:
         return SafeSlice(self, self.info(name))
@@ -256,7 +289,9 @@ class SafeFile:
             return self._pread_tensor(info, self._header.data_start + info.begin)
         if self._buf is None:
             self._buf = self._map() if self.backend == "mmap" else self._read_all()
-        return _from_window(self._buf, info, self._base, self._where(info))
+            if len(self._buf):
+                self._address = torch.frombuffer(self._buf, dtype=torch.uint8, count=1).data_ptr()
+        return _from_window(self._buf, info, self._base, self._address, self._source)
 
     def _map(self) -> memoryview:
         fd = self._require_open()
@@ -268,17 +303,30 @@ class SafeFile:
         fd = self._require_open()
         start = self._header.data_start
         self._base = 0
-        # bytearray(n) is calloc'd (pages appear on first write); tensors keep it alive through
-        # their buffer references.  One sequential read into memory we own (copy #1).
-        data = memoryview(bytearray(self.file_size - start))
+        # An anonymous mapping, not bytearray(n) (whose memset would touch every page before
+        # the read does); tensors keep it alive through their buffer references.  One read
+        # into memory we own (copy #1), split in chunks across the I/O pool.
+        data = anon_buffer(self.file_size - start)
         pread_parallel(fd, data, start, source=self._source)
         return data
 
+    def _pread_many(self, infos: Iterator[TensorInfo] | Any) -> list[torch.Tensor]:
+        # One owned tensor per entry, filled by coalesced, parallel preadv calls (copy #1).
+        fd, start = self._require_open(), self._header.data_start
+        out: list[torch.Tensor] = []
+        targets: list[tuple[int, memoryview]] = []
+        for info in infos:
+            dtype, shape, _ = _torch_view(info, self._source)
+            t = torch.empty(shape, dtype=dtype)
+            out.append(t)
+            if info.nbytes:
+                targets.append((start + info.begin, tensor_bytes(t)))
+        read_scatter(fd, targets, source=self._source)
+        return out
+
     def _pread_tensor(self, info: TensorInfo, offset: int) -> torch.Tensor:
-        where = self._where(info)
-        row = from_code(info.dtype, where)
-        dtype = row.require_torch(where)
-        out = torch.empty(_torch_shape(info, row, where), dtype=dtype)
+        dtype, shape, _ = _torch_view(info, self._source)
+        out = torch.empty(shape, dtype=dtype)
         if info.nbytes:
             pread_parallel(self._require_open(), tensor_bytes(out), offset, source=self._source)
         return out
