@@ -140,9 +140,10 @@ def parse_header(raw: bytes | bytearray | memoryview, *, source: str = "<bytes>"
         raise HeaderError(f"{source}: header must be a JSON object, found {type(obj).__name__}")
 
     metadata = obj.pop(METADATA_KEY, None)
-    if metadata is not None:
-        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-            raise HeaderError(f"{source}: __metadata__ must be an object of string -> string")
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise HeaderError(f"{source}: __metadata__ must be an object of string -> string")
     # No file holds 2**64 bytes; below that bound byte counts are exact, so messages can show them.
     bound = 1 << 67
 
