@@ -305,5 +305,12 @@ def test_bench_sharded_quick_smoke(tmp_path: Path) -> None:
         check=True,
     )
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert {r["scenario"] for r in rows} >= {"save", "load_existing_warm", "load_meta"}
+    assert {r["scenario"] for r in rows} == {
+        "save",
+        "load_existing_warm",
+        "load_existing_cold",
+        "load_meta_warm",
+        "load_meta_cold",
+    }
+    assert {r["impl"] for r in rows} == {"torchst", "huggingface_hub"}
     assert all(r["seconds"] > 0 for r in rows)
