@@ -102,6 +102,8 @@ def test_huggingface_hub_load_torch_model_reads_torchst(llama: torch.nn.Module, 
 
 def test_huggingface_hub_save_is_read_by_torchst(llama: torch.nn.Module, tmp_path: Path) -> None:
     huggingface_hub.save_torch_state_dict(llama.state_dict(), tmp_path, max_shard_size="20KB")
+    sd = torchst.load_state_dict(tmp_path)  # the dropped tied name, recorded in the index, comes back
+    assert sd["model.embed_tokens.weight"] is sd["lm_head.weight"]
     fresh = transformers.LlamaForCausalLM(tiny_config()).eval()
     assert torchst.load_model(fresh, tmp_path) == ([], [])
     assert torch.equal(logits(fresh), logits(llama))

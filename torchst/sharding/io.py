@@ -395,7 +395,9 @@ def open_checkpoint(path_or_directory: PathLike) -> Checkpoint:
             tensors[n] = (shard, header.data_start, header.tensors[n])
     ordered = {n: tensors[n] for n in sorted(tensors, key=lambda n: (files.index(tensors[n][0]), tensors[n][2].begin))}
     md = _user_metadata(metadatas[0]) if metadatas else {}
-    return Checkpoint(source, tuple(files), ordered, _aliases(metadatas, ordered), md, index)
+    # huggingface_hub records the names it dropped in the index metadata rather than the shards
+    from_index = {k: v for k, v in index.metadata.items() if isinstance(v, str)}
+    return Checkpoint(source, tuple(files), ordered, _aliases([from_index, *metadatas], ordered), md, index)
 
 
 def _aliases(metadatas: list[dict[str, str]], tensors: Mapping[str, object]) -> dict[str, str]:
