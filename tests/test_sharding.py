@@ -279,6 +279,10 @@ def test_every_crash_point_leaves_old_or_new(
             assert not [p for p in os.listdir(d) if p.startswith(".")], os.listdir(d)
             assert k > total
             break
+        # the next save after a crash completes and leaves no debris behind
+        save_state_dict(new, d, max_shard_size=new_size)
+        assert_same(load_state_dict(d), new)
+        assert not [p for p in os.listdir(d) if p.startswith(".")], (k, os.listdir(d))
         k += 1
     assert k >= 2  # at least one crash point was exercised
 

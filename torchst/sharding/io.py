@@ -42,7 +42,7 @@ __all__ = ["Checkpoint", "SaveResult", "load_state_dict", "open_checkpoint", "sa
 
 PathLike = str | os.PathLike[str]
 _TEMP = re.compile(r"^\.tmp-[0-9a-f]{12}-.+\.safetensors$")
-_ATOMIC_TEMP = re.compile(r"^\.model\.safetensors(\.index\.json)?\.tmp-[0-9a-f]{12}$")
+_ATOMIC_TEMP = re.compile(r"^\.model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?\.tmp-[0-9a-f]{12}$")
 _OURS = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 
 
@@ -191,10 +191,15 @@ def _write_index(path: str, index: ShardIndex, fsync: bool) -> None:
 def _link_over(src: str, dst: str) -> None:
     tmp = temp_path(dst)
     try:
-        os.link(src, tmp)
-    except OSError:  # filesystems without hard links: one extra copy of the shard
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:  # filesystems without hard links: one extra copy of the shard
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _committed_files(directory: str) -> set[str]:
