@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._dtypes import from_code, nbytes_for
+from .._dtypes import DTYPES, from_code, nbytes_for
 from ..errors import FileSizeError, HeaderError, OffsetError, SerializationError
 
 __all__ = [
@@ -93,11 +93,13 @@ def _reject_constant(token: str) -> Any:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
+    out = dict(pairs)  # C speed for the common case; called once per JSON object
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ValueError(f"duplicate key {k!r}")
+            seen.add(k)
     return out
 
 
@@ -148,36 +150,34 @@ def parse_header(raw: bytes | bytearray | memoryview, *, source: str = "<bytes>"
     bound = 1 << 67
 
     entries: list[TensorInfo] = []
+    append, rows = entries.append, DTYPES
     for name, spec in obj.items():
-        where = f"{source}: tensor {name!r}"
-        if not isinstance(spec, dict):
-            raise HeaderError(f"{where}: entry must be an object with dtype, shape, data_offsets")
+        # Fast path: the same rules as _check_entry, inline and without building messages
+        # (10,000-tensor headers are common).  Anything unusual goes to _check_entry, which
+        # raises the precise error.
         try:
             code, shape_l, offs = spec["dtype"], spec["shape"], spec["data_offsets"]
-        except KeyError as e:
-            raise HeaderError(f"{where}: entry is missing {e.args[0]!r}") from None
-        row = from_code(code, where)
-        if not isinstance(shape_l, list) or not all(_is_uint(d) for d in shape_l):
-            raise HeaderError(f"{where}: shape must be a list of non-negative integers, found {shape_l!r}")
-        if not (isinstance(offs, list) and len(offs) == 2 and _is_uint(offs[0]) and _is_uint(offs[1])):
-            raise OffsetError(f"{where}: data_offsets must be two non-negative integers, found {offs!r}")
-        begin, end = offs
-        if end < begin:
-            raise OffsetError(f"{where}: data_offsets [{begin:,}, {end:,}] end before they begin")
-        shape = tuple(shape_l)
-        numel = _numel_bounded(shape, bound)
-        need = nbytes_for(row, numel) if numel <= bound else None
-        if need is None and numel <= bound:
-            raise OffsetError(f"{where}: {numel:,} {code} elements do not fill whole bytes")
-        if need != end - begin:
-            shown = f"{need:,} bytes" if need is not None else "more bytes than the file holds"
-            raise OffsetError(
-                f"{where}: shape {list(shape)} of {code} needs {shown} but data_offsets "
-                f"[{begin:,}, {end:,}] span {end - begin:,}"
-            )
-        entries.append(TensorInfo(name, code, shape, begin, end))
+            row = rows[code] if type(code) is str else None
+            if row is not None and type(shape_l) is list and type(offs) is list and len(offs) == 2:
+                begin, end = offs
+                if type(begin) is int and type(end) is int and 0 <= begin <= end:
+                    numel = 1
+                    for d in shape_l:
+                        if type(d) is not int or d < 0:
+                            break
+                        numel *= d
+                        if numel > bound:
+                            break
+                    else:
+                        bits = numel * row.bits
+                        if not bits & 7 and bits >> 3 == end - begin:
+                            append(TensorInfo(name, code, tuple(shape_l), begin, end))
+                            continue
+        except (KeyError, TypeError, ValueError):
+            pass
+        append(_check_entry(name, spec, source, bound))
 
-    entries.sort(key=lambda t: (t.begin, t.end))
+    entries.sort(key=_by_offsets)
     pos = 0
     for t in entries:
         if t.begin != pos:
@@ -198,8 +198,42 @@ def parse_header(raw: bytes | bytearray | memoryview, *, source: str = "<bytes>"
             f"{source}: tensors end at data byte {pos:,} but the file has {data_size:,} data bytes "
             f"({data_size - pos:,} trailing bytes)"
         )
-    header_len = len(raw)
-    return Header({t.name: t for t in entries}, metadata, header_len)
+    return Header({t.name: t for t in entries}, metadata, len(raw))
+
+
+def _by_offsets(t: TensorInfo) -> tuple[int, int]:
+    return t.begin, t.end
+
+
+def _check_entry(name: str, spec: object, source: str, bound: int) -> TensorInfo:
+    """Validate one tensor entry with a precise error for every rule it breaks."""
+    where = f"{source}: tensor {name!r}"
+    if not isinstance(spec, dict):
+        raise HeaderError(f"{where}: entry must be an object with dtype, shape, data_offsets")
+    try:
+        code, shape_l, offs = spec["dtype"], spec["shape"], spec["data_offsets"]
+    except KeyError as e:
+        raise HeaderError(f"{where}: entry is missing {e.args[0]!r}") from None
+    row = from_code(code, where)
+    if not isinstance(shape_l, list) or not all(_is_uint(d) for d in shape_l):
+        raise HeaderError(f"{where}: shape must be a list of non-negative integers, found {shape_l!r}")
+    if not (isinstance(offs, list) and len(offs) == 2 and _is_uint(offs[0]) and _is_uint(offs[1])):
+        raise OffsetError(f"{where}: data_offsets must be two non-negative integers, found {offs!r}")
+    begin, end = offs
+    if end < begin:
+        raise OffsetError(f"{where}: data_offsets [{begin:,}, {end:,}] end before they begin")
+    shape = tuple(shape_l)
+    numel = _numel_bounded(shape, bound)
+    need = nbytes_for(row, numel) if numel <= bound else None
+    if need is None and numel <= bound:
+        raise OffsetError(f"{where}: {numel:,} {code} elements do not fill whole bytes")
+    if need != end - begin:
+        shown = f"{need:,} bytes" if need is not None else "more bytes than the file holds"
+        raise OffsetError(
+            f"{where}: shape {list(shape)} of {code} needs {shown} but data_offsets "
+            f"[{begin:,}, {end:,}] span {end - begin:,}"
+        )
+    return TensorInfo(name, code, shape, begin, end)
 
 
 def parse_bytes(buf: bytes | bytearray | memoryview, *, source: str = "<bytes>") -> Header:
