@@ -145,13 +145,18 @@ def scratch_dir(parent: str, prefix: str) -> str:
 _WORKER_FLAG = "--worker"
 
 
-def run_worker(script: str, job: dict[str, Any] | list[dict[str, Any]], *, timeout: float = 600) -> Any:
+def run_worker(
+    script: str, job: dict[str, Any] | list[dict[str, Any]], *, timeout: float = 600, pythonpath: str | None = None
+) -> Any:
     """Run ``script --worker JOB`` in a fresh interpreter and return the JSON it prints last.
 
     The worker side is ``worker_main``; a list of jobs runs them all in one process (quick mode).
+    ``pythonpath`` is put first on the worker's import path (e.g. another checkout to compare).
     """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
     proc = subprocess.run(
         [sys.executable, script, _WORKER_FLAG, json.dumps(job)],
         check=False,

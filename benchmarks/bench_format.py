@@ -137,6 +137,8 @@ def _work(job: dict[str, Any]) -> dict[str, Any]:
 
     import torchst
 
+    if job.get("tree") and not os.path.abspath(torchst.__file__).startswith(os.path.abspath(job["tree"])):
+        raise RuntimeError(f"expected torchst from {job['tree']}, imported {torchst.__file__}")
     impl, backend, path = job["impl"], job.get("backend"), job.get("path", "")
     keep: list[Any] = []
     if kind == "save":
@@ -315,6 +317,7 @@ def _summarize(group: dict[str, Any], results: list[list[dict[str, Any]]], meta:
             "impl": ln["impl"],
             "backend": ln.get("backend"),
             "median_s": round(med, 5),
+            "min_s": round(min(r["seconds"] for r in rs), 5),
             "runs": [round(r["seconds"], 5) for r in rs],
             "peak_rss_mib": round(median([r["peak_rss_mib"] for r in rs]), 1),
             "extra_rss_mib": round(extra, 1),
@@ -324,6 +327,8 @@ def _summarize(group: dict[str, Any], results: list[list[dict[str, Any]]], meta:
         }
         if torch_t is not None and ln["impl"] != "torch":
             rec["ratio_vs_torch"] = round(med / torch_t, 3)
+        if ln.get("tree"):
+            rec["torchst_tree"] = ln["tree"]
         if ln["impl"] == "torchst":
             cmp = "<=" if kind == "time" else ">="
             rec["target"] = f"{cmp} {limit}x {base_impl}"
@@ -353,7 +358,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tmpfs", default="/dev/shm", help="tmpfs directory (default /dev/shm)")
     p.add_argument("--runs", type=int, default=None, help="runs per measurement (default 5, quick 1)")
     p.add_argument("--only", help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    p.add_argument(
+        "--also-tree",
+        metavar="DIR",
+        help="also measure the torchst package found in DIR (e.g. an older checkout), interleaved",
+    )
     args = p.parse_args(argv)
+    if args.also_tree and args.quick:
+        p.error("--also-tree needs fresh processes; it cannot be combined with --quick")
     runs = args.runs or (1 if args.quick else 5)
 
     tmpfs_root = args.tmpfs if os.path.isdir(args.tmpfs) else None
@@ -377,6 +389,12 @@ def main(argv: list[str] | None = None) -> None:
             meta.setdefault("note", []).append(note)
     try:
         prepare, groups = _plan(args, sizes, tmp, disk)
+        if args.also_tree:
+            tree = os.path.abspath(args.also_tree)
+            for g in groups:
+                g["lines"] = [
+                    x for ln in g["lines"] for x in ([ln, {**ln, "tree": tree}] if ln["impl"] == "torchst" else [ln])
+                ]
         jobs_per_group = []
         for g in groups:
             jobs_per_group.append([{k: v for k, v in ln.items() if k != "fs"} for ln in g["lines"]])
@@ -393,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
             res: list[list[dict[str, Any]]] = [[] for _ in jobs]
             for _ in range(runs):  # interleave implementations so slow phases hit all of them
                 for i, job in enumerate(jobs):
-                    res[i].append(run_worker(SCRIPT, job))
+                    res[i].append(run_worker(SCRIPT, job, pythonpath=job.get("tree")))
             _summarize(g, res, meta)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
