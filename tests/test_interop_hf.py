@@ -134,3 +134,29 @@ def test_save_pretrained_round_trip_through_torchst_mixin(tmp_path: Path) -> Non
     fresh = TinyHead(vocab=20)
     huggingface_hub.load_torch_model(fresh, tmp_path)
     assert torch.equal(fresh.embed.weight, m.embed.weight)
+
+
+def test_torchst_load_checkpoint_and_dispatch(llama: torch.nn.Module, tmp_path: Path) -> None:
+    from torchst.integrations.accelerate import load_checkpoint_and_dispatch
+
+    llama.save_pretrained(tmp_path, max_shard_size="20KB")
+    with accelerate.init_empty_weights():
+        empty = transformers.LlamaForCausalLM(tiny_config())
+    model = load_checkpoint_and_dispatch(empty, tmp_path, max_memory={"cpu": "1GB"}, dtype=torch.float32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(logits(model.eval()), logits(llama))
+
+
+@pytest.mark.gpu
+def test_torchst_dispatch_across_gpu_and_cpu(llama: torch.nn.Module, tmp_path: Path) -> None:
+    from torchst.integrations.accelerate import load_checkpoint_and_dispatch
+
+    llama.save_pretrained(tmp_path)
+    with accelerate.init_empty_weights():
+        empty = transformers.LlamaForCausalLM(tiny_config())
+    device_map = {"model.embed_tokens": 0, "lm_head": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model": 0}
+    model = load_checkpoint_and_dispatch(empty, tmp_path, device_map=device_map)
+    assert model.model.layers[1].mlp.up_proj.weight.device.type == "cpu"
+    with torch.no_grad():
+        got = model(X.cuda()).logits.cpu()
+    assert torch.allclose(got, logits(llama), atol=1e-4)
