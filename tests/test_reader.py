@@ -333,3 +333,17 @@ def test_load_bytes_is_in_offset_order() -> None:
     blob = ref.save(tensors)
     assert list(torchst.load(blob)) == ["m", "a", "z"]
     assert torchst.load(blob).keys() == ref.load(blob).keys()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_load_onto_cuda(model_file: tuple[Path, dict[str, torch.Tensor]], backend: str) -> None:
+    path, tensors = model_file
+    loaded = torchst.load_file(path, device="cuda:0", backend=backend)
+    for name, t in tensors.items():
+        assert loaded[name].device == torch.device("cuda", 0), name
+        assert same_bits(loaded[name].cpu(), t), name
+    with torchst.safe_open(path, device=0, backend=backend) as f:
+        part = f.get_slice("embed.weight")[2:4]
+        assert part.device == torch.device("cuda", 0)
+        assert part.cpu().equal(tensors["embed.weight"][2:4])

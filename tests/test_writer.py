@@ -362,3 +362,16 @@ def test_cpu_write_is_zero_copy(monkeypatch: pytest.MonkeyPatch) -> None:
 
     write_tensors(Sink(), plan_write({"t": t}))  # type: ignore[arg-type]
     assert seen == [t.data_ptr()]
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_stream_through_staging_with_identical_bytes(tmp_path: Path) -> None:
+    cpu = {"a": sample("F32", (300, 7)), "b": sample("BF16", (5,)), "c": sample("U8", (11,)), "e": torch.empty(0)}
+    cuda = {k: v.to("cuda") for k, v in cpu.items()}
+    expected = ref.save(cpu)
+    assert torchst.save(cuda) == expected
+    torchst.save_file(cuda, tmp_path / "g.safetensors")
+    assert (tmp_path / "g.safetensors").read_bytes() == expected
+    out = io.BytesIO()
+    write_tensors(out, plan_write(cuda), staging_bytes=100)  # many round trips through one buffer
+    assert out.getvalue() == expected
