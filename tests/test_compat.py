@@ -106,6 +106,7 @@ def test_save_and_save_file_same_bytes(tmp_path: Path, tensors: dict[str, torch.
         (lambda: {"sp": torch.eye(2).to_sparse()}, ["You are trying to save a sparse tensors: `['sp']`", "to_dense"]),
         (lambda: {"t": torch.ones(2, 3).t()}, ["non contiguous tensor: `t`", ".contiguous()"]),
         (lambda: dict.fromkeys("ab", torch.ones(2)), ["Some tensors share memory", "save_model"]),
+        (lambda: {**dict.fromkeys("ab", torch.ones(2)), "t": torch.ones(2, 3).t()}, ["Some tensors share memory"]),
         (lambda: {1: torch.ones(1)}, ["argument 'tensor_dict'", "'int' object is not an instance of 'str'"]),
         (lambda: {"m": torch.empty(2, device="meta")}, ["Cannot copy out of meta tensor"]),
         (lambda: {"c": torch.ones(1, dtype=torch.complex128)}, ["torch.complex128"]),

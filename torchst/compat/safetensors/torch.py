@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from ..._dtypes import DTYPES
-from ...errors import FormatError, SerializationError
+from ...errors import FormatError, SerializationError, SharedTensorError
 from ...format import find_shared_tensors
 from ...format import load as _load
 from ...format import save as _save
@@ -170,8 +170,18 @@ def _remove_duplicate_names(
     return to_remove
 
 
+def _shared_error(tensors: Mapping[str, torch.Tensor]) -> _CompatRuntimeError:
+    failing = [names for names in _find_shared_tensors(tensors) if len(names) > 1]
+    return _CompatRuntimeError(
+        "Some tensors share memory, this will lead to duplicate memory on disk and potential differences when"
+        f" loading them again: {failing}. A potential way to correctly save your model is to use `save_model`"
+        " (or torchst.save_model, which also records the aliases)."
+    )
+
+
 def _evaluate_tensors_for_save(tensors: object) -> None:
-    # The reference's checks, in its order and with its exception types and messages.
+    # The reference's checks with its exception types and messages.  Shared memory is left to the
+    # core writer (one scan instead of two) and translated by the callers.
     if not isinstance(tensors, dict):
         raise SerializationError(f"Expected a dict of [str, torch.Tensor] but received {type(tensors)}")
     sparse = []
@@ -186,13 +196,17 @@ def _evaluate_tensors_for_save(tensors: object) -> None:
             " You can make it a dense tensor before saving with `.to_dense()` but be aware this might"
             " make a much larger file than needed."
         )
-    failing = [names for names in _find_shared_tensors(tensors) if len(names) > 1]
-    if failing:
-        raise _CompatRuntimeError(
-            "Some tensors share memory, this will lead to duplicate memory on disk and potential differences when"
-            f" loading them again: {failing}. A potential way to correctly save your model is to use `save_model`"
-            " (or torchst.save_model, which also records the aliases)."
-        )
+    try:
+        _check_each(tensors)
+    except SerializationError:
+        # The reference reports shared memory first; on this (rare) error path the extra scan is free.
+        if any(len(names) > 1 for names in _find_shared_tensors(tensors)):
+            raise _shared_error(tensors) from None
+        raise
+    _check_names(tensors)
+
+
+def _check_each(tensors: dict[str, torch.Tensor]) -> None:
     for k, v in tensors.items():
         if not v.is_contiguous():
             raise SerializationError(
@@ -205,7 +219,6 @@ def _evaluate_tensors_for_save(tensors: object) -> None:
             raise _MetaTensorError(f"Cannot copy out of meta tensor `{k}`; no data! Materialize it before saving.")
         if v.dtype not in _SIZE:
             raise _UnknownDtypeError(f"{v.dtype} (tensor `{k}`) has no safetensors dtype; cast it before saving")
-    _check_names(tensors)
 
 
 def save(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -215,7 +228,10 @@ def save(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = Non
     """
     _evaluate_tensors_for_save(tensors)
     _check_metadata(metadata)
-    return _save(tensors, metadata)
+    try:
+        return _save(tensors, metadata)
+    except SharedTensorError as e:
+        raise _shared_error(tensors) from e
 
 
 def save_file(
@@ -227,7 +243,10 @@ def save_file(
     """
     _evaluate_tensors_for_save(tensors)
     _check_metadata(metadata)
-    _save_file(tensors, filename, metadata)
+    try:
+        _save_file(tensors, filename, metadata)
+    except SharedTensorError as e:
+        raise _shared_error(tensors) from e
 
 
 def load_file(
