@@ -96,7 +96,8 @@ def _from_window(buf: memoryview | bytes, info: TensorInfo, base: int, address: 
         return torch.empty(shape, dtype=dtype)
     start = base + info.begin
     if (address + start) % itemsize == 0:
-        return torch.frombuffer(buf, dtype=dtype, count=info.nbytes // itemsize, offset=start).view(shape)
+        t = torch.frombuffer(buf, dtype=dtype, count=info.nbytes // itemsize, offset=start)
+        return t if len(shape) == 1 else t.view(shape)
     # Third-party writers may misalign data; torch kernels need aligned memory (copy #1).
     raw = torch.frombuffer(buf, dtype=torch.uint8, count=info.nbytes, offset=start).clone()
     return raw.view(dtype).view(shape)
@@ -204,6 +205,7 @@ class SafeFile:
         self._buf: memoryview | None = None
         self._base = 0
         self._address = 0
+        self._on_cpu = self.device.type == "cpu"
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
@@ -260,7 +262,11 @@ class SafeFile:
     # -- tensors --------------------------------------------------------------------------
     def get_tensor(self, name: str) -> torch.Tensor:
         """The whole tensor ``name`` on this file's device."""
-        return self._to_device(self._cpu_tensor(self.info(name)))
+        info = self._header.tensors.get(name)
+        if info is None:
+            return self._to_device(self._cpu_tensor(self.info(name)))  # raises TensorNotFoundError
+        t = self._cpu_tensor(info)
+        return t if self._on_cpu else t.to(self.device)
 
     def get_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor, in file order."""
