@@ -71,6 +71,17 @@ def test_sharded_layout_and_roundtrip(tmp_path: Path) -> None:
     assert_same(ref, stored)
 
 
+def test_shards_byte_identical_to_reference_writer(tmp_path: Path) -> None:
+    res = save_state_dict(make_sd(), tmp_path, max_shard_size="6KB", metadata={"note": "x"})
+    for fn in res.files:
+        with safetensors.safe_open(str(tmp_path / fn), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (reference API)
+            md = f.metadata()
+        ref = tmp_path / "ref.safetensors"
+        safetensors.torch.save_file(tensors, ref, metadata=md)
+        assert (tmp_path / fn).read_bytes() == ref.read_bytes(), fn
+
+
 def test_single_shard_is_model_safetensors_and_file_paths(tmp_path: Path) -> None:
     sd = make_sd()
     res = save_state_dict(sd, tmp_path / "ckpt")
