@@ -124,3 +124,22 @@ def test_many_small_and_a_few_large_tensors_round_trip(tmp_path: Path, backend: 
         assert torch.equal(loaded[k], v), k
     with torchst.safe_open(p, backend=backend) as f:
         assert torch.equal(f.get_tensor("big"), tensors["big"])
+
+
+def test_save_through_a_pipe_and_a_raw_file_match_the_reference(tmp_path: Path) -> None:
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    from torchst.format.writer import plan_write, write_tensors
+
+    tensors = {"a": torch.arange(10, dtype=torch.int16), "b": torch.ones(3, 5), "c": torch.zeros(0)}
+    expected = safetensors_torch.save(tensors)
+    plan = plan_write(tensors)
+    r, w = os.pipe()
+    with os.fdopen(w, "wb") as pipe_out:
+        write_tensors(pipe_out, plan)  # not seekable: plain buffered writes
+    with os.fdopen(r, "rb") as pipe_in:
+        assert pipe_in.read() == expected
+    raw = tmp_path / "raw.safetensors"
+    with open(raw, "wb", buffering=0) as f:
+        write_tensors(f, plan)  # an unbuffered FileIO: writev straight from tensor memory
+        f.write(b"tail")  # the file position is right after the tensors
+    assert raw.read_bytes() == expected + b"tail"

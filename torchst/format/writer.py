@@ -199,7 +199,7 @@ def _direct_fd(f: BinaryIO) -> int | None:
     if not isinstance(f, (io.BufferedWriter, io.FileIO)):
         return None
     try:
-        return f.fileno()
+        return f.fileno() if f.seekable() else None  # pipes keep plain writes (no position to resync)
     except (OSError, ValueError):
         return None
 
