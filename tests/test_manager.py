@@ -305,3 +305,24 @@ def test_grad_scaler_and_scheduler_round_trip(tmp_path: Path) -> None:
         mgr.restore({"scaler": fresh})
     assert fresh.state_dict() == scaler.state_dict()
     assert fresh.get_scale() == 1024.0 and fresh.get_growth_interval() == 7
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_children_do_not_keep_the_lock(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path)
+    ready_r, ready_w = os.pipe()
+    stop_r, stop_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # e.g. a DataLoader worker that outlives the manager
+        os.write(ready_w, b"x")  # fork handlers have run by now
+        os.read(stop_r, 1)
+        os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        mgr.close()
+        CheckpointManager(tmp_path).close()  # the child still runs, yet the lock is free
+    finally:
+        os.write(stop_w, b"x")
+        os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, stop_r, stop_w):
+            os.close(fd)

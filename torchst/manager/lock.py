@@ -12,12 +12,28 @@ import fcntl
 import os
 import socket
 import time
+import weakref
 
 from ..errors import CheckpointError, CheckpointLockedError
 
 __all__ = ["LOCK_NAME", "DirectoryLock"]
 
 LOCK_NAME = ".lock"
+_HELD: weakref.WeakSet[DirectoryLock] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    # A forked child (a DataLoader worker, say) inherits the descriptor, and with it the lock
+    # for as long as it lives.  Closing the child's copy (never LOCK_UN, which would release
+    # it for the parent too) leaves the parent the only holder.
+    for lock in list(_HELD):
+        if lock._fd is not None:
+            os.close(lock._fd)
+            lock._fd = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class DirectoryLock:
@@ -46,6 +62,7 @@ class DirectoryLock:
                 ) from None
             raise CheckpointError(f"{self.path}: cannot lock ({e.strerror})") from e
         self._fd: int | None = fd
+        _HELD.add(self)
         info = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode(), 0)
