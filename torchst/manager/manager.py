@@ -55,6 +55,11 @@ class CheckpointManager:
     modules, optimizers, schedulers, any object with ``state_dict()``/``load_state_dict()``,
     and plain values nested freely; nothing is pickled.  RNG state is saved and restored too.
 
+    ``keep_last`` keeps the newest N steps (None: all); ``keep`` adds a policy such as
+    ``KeepEvery(1000) | KeepBest(3, "val_loss")`` (a step survives if any policy keeps it; the
+    newest always survives).  ``async_save`` makes ``save()`` return after a host snapshot.
+    A writer holds ``directory/.lock``; ``read_only=True`` only lists and restores, lock-free.
+
     >>> mgr = torchst.CheckpointManager("ckpt", keep_last=3, async_save=True)
     >>> mgr.save(100, {"model": model, "optim": opt, "sched": sched, "epoch": 2})
     >>> step = mgr.restore({"model": model, "optim": opt, "sched": sched})  # latest step
