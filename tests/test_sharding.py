@@ -21,6 +21,7 @@ from torchst.errors import (
     SerializationError,
     ShardIndexError,
     SharedTensorError,
+    TensorNotFoundError,
 )
 from torchst.sharding import load_state_dict, open_checkpoint, save_state_dict
 
@@ -158,6 +159,16 @@ def test_shared_without_complete_name_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SharedTensorError):
         save_state_dict({"a": base[:6], "b": base[4:]}, tmp_path)
     assert not any(p.name.endswith(".safetensors") for p in tmp_path.iterdir())
+
+
+def test_checkpoint_load_subset_by_name(tmp_path: Path) -> None:
+    save_state_dict(make_sd(), tmp_path, max_shard_size="6KB")
+    ckpt = open_checkpoint(tmp_path)
+    part = ckpt.load(["lm_head.weight", "layers.1.norm.weight"])
+    assert set(part) == {"embed.weight", "lm_head.weight", "layers.1.norm.weight"}
+    assert part["lm_head.weight"] is part["embed.weight"]
+    with pytest.raises(TensorNotFoundError, match="does not contain \\['nope'\\]"):
+        ckpt.load(["nope"])
 
 
 def test_non_contiguous_tensor_saved_as_contiguous(tmp_path: Path) -> None:

@@ -30,7 +30,13 @@ import torch
 from .._dtypes import from_code
 from ..dedup import ALIASES_KEY, TiedKeys, alias_metadata, aliases_from_metadata, deduplicate, expand_aliases
 from ..devices import DeviceMap, ReadRequest, check_device, resolve_device_map, stream_tensors
-from ..errors import CheckpointNotFoundError, DeviceMapError, SerializationError, ShardIndexError
+from ..errors import (
+    CheckpointNotFoundError,
+    DeviceMapError,
+    SerializationError,
+    ShardIndexError,
+    TensorNotFoundError,
+)
 from ..format.header import TensorInfo
 from ..format.reader import BACKENDS, DeviceLike, SafeFile, _torch_shape
 from ..format.writer import plan_write, write_tensors
@@ -289,7 +295,9 @@ class Checkpoint:
         stored = {self.aliases.get(n, n) for n in names}
         missing = sorted(n for n in stored if n not in self.tensors)
         if missing:
-            raise CheckpointNotFoundError(f"{self.source}: checkpoint does not contain {missing[:5]}")
+            raise TensorNotFoundError(
+                f"{self.source}: checkpoint does not contain {missing[:5]} ({len(self.tensors)} tensors stored)"
+            )
         return [n for n in self.tensors if n in stored]
 
     def _devices(self, names: list[str], device: DeviceLike, device_map: DeviceMap | None) -> dict[str, torch.device]:
