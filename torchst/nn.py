@@ -263,19 +263,13 @@ def _retie(model: nn.Module, groups: list[list[str]], loaded: set[str]) -> None:
         src = next((n for n in g if n in loaded), None)
         if src is None:
             continue
-        obj = model.get_parameter(src) if _is_param(model, src) else model.get_buffer(src)
+        owner, _, attr = src.rpartition(".")
+        mod = model.get_submodule(owner)
+        obj: Any = mod._parameters[attr] if attr in mod._parameters else mod._buffers[attr]
         for n in g:
             owner, _, attr = n.rpartition(".")
             mod = model.get_submodule(owner)
-            if attr in mod._parameters:
-                mod._parameters[attr] = obj  # type: ignore[assignment]
-            else:
-                mod._buffers[attr] = obj
-
-
-def _is_param(model: nn.Module, name: str) -> bool:
-    owner, _, attr = name.rpartition(".")
-    return attr in model.get_submodule(owner)._parameters
+            (mod._parameters if attr in mod._parameters else mod._buffers)[attr] = obj
 
 
 def _place_leftovers(model: nn.Module, loaded: set[str], dev: torch.device, prefixes: DeviceMap | None) -> None:
