@@ -11,6 +11,7 @@ bounded by ``num_buffers * buffer_bytes`` whatever the model size.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -252,14 +253,25 @@ def _read_direct(chunks: list[_Chunk]) -> None:
     pool = io_pool()
     limit = 2 * getattr(pool, "_max_workers", 4)
     pending: deque[Future[None]] = deque()
-    for c in chunks:
-        item = c.out.element_size()
-        view = tensor_bytes(c.out)[c.first * item : c.first * item + c.nbytes]
-        pending.append(pool.submit(pread_into, c.fd, view, c.offset, source=c.source))
-        if len(pending) >= limit:
+    try:
+        for c in chunks:
+            item = c.out.element_size()
+            view = tensor_bytes(c.out)[c.first * item : c.first * item + c.nbytes]
+            pending.append(pool.submit(pread_into, c.fd, view, c.offset, source=c.source))
+            if len(pending) >= limit:
+                pending.popleft().result()
+        while pending:
             pending.popleft().result()
-    while pending:
-        pending.popleft().result()
+    finally:
+        _drain(f for f in pending)
+
+
+def _drain(futures: Iterable[Future[None]]) -> None:
+    """Wait for reads still in flight after an error: the caller closes their descriptors next."""
+    for f in futures:
+        f.cancel()
+        with contextlib.suppress(Exception):  # the first error is already propagating
+            f.result()
 
 
 class _Slot:
@@ -286,6 +298,15 @@ def _read_staged(chunks: list[_Chunk], nbytes: int, num_buffers: int) -> None:
         if c is None:
             break
         pending.append((c, slot, pool.submit(_fill, slot, c)))
+    try:
+        _copy_out(pending, todo, pool, pin)
+    finally:
+        _drain(fut for _, _, fut in pending)
+        if pin:
+            torch.cuda.synchronize()  # the pinned buffers are freed on return
+
+
+def _copy_out(pending: deque[tuple[_Chunk, _Slot, Future[None]]], todo: Iterator[_Chunk], pool: Any, pin: bool) -> None:
     while pending:
         c, slot, fut = pending.popleft()
         fut.result()
@@ -301,5 +322,3 @@ def _read_staged(chunks: list[_Chunk], nbytes: int, num_buffers: int) -> None:
         nxt = next(todo, None)
         if nxt is not None:
             pending.append((nxt, slot, pool.submit(_fill, slot, nxt)))
-    if pin:
-        torch.cuda.synchronize()  # the pinned buffers are freed on return
