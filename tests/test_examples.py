@@ -13,7 +13,12 @@ EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
 
 # Lines an example must print to prove it did what it claims (checked when the example exists).
 EXPECTED = {
-    "quickstart.py": ["outputs identical = True", "truncated file refused: FileSizeError"],
+    "quickstart.py": [
+        "lm_head still tied to embed: True; outputs identical: True",
+        "committed steps kept: [4, 6]",
+        "parameters identical = True",
+        "truncated file refused: FileSizeError",
+    ],
 }
 
 
