@@ -70,10 +70,9 @@ def anon_buffer(nbytes: int) -> memoryview:
     """
     if nbytes == 0:
         return memoryview(bytearray())
-    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)  # private: plain anonymous memory, not shmem
-    if nbytes >= 4 << 20 and hasattr(mmap, "MADV_HUGEPAGE"):
-        # Transparent huge pages: ~500x fewer page faults when the read fills the buffer.
-        m.madvise(mmap.MADV_HUGEPAGE)
+    # Private: plain anonymous memory, not shmem.  No MADV_HUGEPAGE: with the common THP
+    # "defrag=madvise" setting it makes page faults stall on memory compaction.
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
     return memoryview(m)
 
 
