@@ -409,8 +409,13 @@ def main(argv: list[str] | None = None) -> None:
         run_worker(SCRIPT, prepare, timeout=1800)
         for g, jobs in zip(groups, jobs_per_group):
             res: list[list[dict[str, Any]]] = [[] for _ in jobs]
-            for _ in range(runs):  # interleave implementations so slow phases hit all of them
-                for i, job in enumerate(jobs):
+            # Interleave implementations so slow phases of a noisy machine hit all of them, and
+            # rotate who goes first: a run inherits the page-cache and free-memory state its
+            # predecessor left behind.
+            for r in range(runs):
+                for k in range(len(jobs)):
+                    i = (r + k) % len(jobs)
+                    job = jobs[i]
                     res[i].append(run_worker(SCRIPT, job, pythonpath=job.get("tree")))
             _summarize(g, res, meta)
     finally:
