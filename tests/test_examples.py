@@ -19,6 +19,7 @@ EXPECTED = {
         "parameters identical = True",
         "truncated file refused: FileSizeError",
     ],
+    "train_resume.py": ["final weights identical to an uninterrupted run = True"],
 }
 
 
