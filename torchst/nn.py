@@ -7,9 +7,12 @@ are one ``Parameter`` object again after loading.
 Loading into a model whose tensors are on the ``meta`` device (``with torch.device("meta")``,
 accelerate's ``init_empty_weights()``, ``from_pretrained``) materialises each tensor directly on
 its target device and assigns it.  For CPU targets the tensors are read into memory the model
-owns (one copy, file -> parameter), not left as windows of the mapped files: the model's memory
-then never depends on the checkpoint files staying unchanged, and the process RSS is the model
-size.  Pass ``backend="mmap"`` to get zero-copy, page-cache-backed parameters instead.
+owns (one copy, file -> parameter), not left as windows of the mapped files.  That load is slower
+than mapping, but the model then never depends on the files: tools that rewrite a checkpoint in
+place (truncate + write) would otherwise make the next access to a mapped parameter crash the
+process with SIGBUS, and first-touch page faults would land in the first forward pass instead of
+the load.  Peak RSS is the model size.  Pass ``backend="mmap"`` for zero-copy, page-cache-backed
+parameters when the files are known to stay put.
 """
 
 from __future__ import annotations
