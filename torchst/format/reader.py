@@ -13,6 +13,7 @@ The header is validated completely when the file is opened, before any data is r
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import mmap
 import os
@@ -215,17 +216,16 @@ class SafeFile:
             self._fd = None
         self._buf = None
 
-    def __enter__(self) -> SafeFile:
+    def __enter__(self) -> SafeFile:  # noqa: PYI034 - subclasses are not part of the API
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        # Interpreter shutdown may have torn down os already; nothing useful to report then.
+        with contextlib.suppress(OSError, AttributeError, TypeError):
             self.close()
-        except Exception:
-            pass
 
     # -- header ---------------------------------------------------------------------------
     @property

@@ -42,7 +42,8 @@ def atomic_write(path: str | os.PathLike[str], *, fsync: bool = False) -> Iterat
     """
     path = os.fspath(path)
     tmp = temp_path(path)
-    f = open(tmp, "xb", buffering=WRITE_BUFFER)
+    # Not a with-block: the file must be closed *before* os.replace, and unlinked on failure.
+    f = open(tmp, "xb", buffering=WRITE_BUFFER)  # noqa: SIM115
     try:
         yield f
         f.flush()
