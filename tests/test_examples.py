@@ -19,6 +19,7 @@ EXPECTED = {
         "parameters identical = True",
         "truncated file refused: FileSizeError",
     ],
+    "pretrained_sharded.py": ["identical logits: True", "lm_head still tied to embed: True"],
     "train_resume.py": ["final weights identical to an uninterrupted run = True"],
 }
 
