@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -21,7 +21,16 @@ from ..storage.atomic import atomic_write
 from ._buffers import tensor_bytes, write_all, writev_all
 from .header import METADATA_KEY, build_header, encode_prefix
 
-__all__ = ["STAGING_BYTES", "WritePlan", "find_shared_tensors", "plan_write", "save", "save_file", "write_tensors"]
+__all__ = [
+    "STAGING_BYTES",
+    "WritePlan",
+    "find_shared_tensors",
+    "plan_write",
+    "save",
+    "save_file",
+    "split_overlapping",
+    "write_tensors",
+]
 
 STAGING_BYTES = 64 << 20
 # Bytes of CPU tensors gathered into one writev call (views of tensor memory, no copy).
@@ -40,13 +49,15 @@ class WritePlan:
         return len(self.header) + sum(t.numel() * t.element_size() for _, t in self.order)
 
 
-def _storage_key(t: torch.Tensor) -> tuple[torch.device, int, int] | None:
-    if t.device.type == "meta":
+def _storage_key(t: torch.Tensor) -> tuple[str, int | None, int, int] | None:
+    dev = t.device
+    if dev.type == "meta":
         return None
     st = t.untyped_storage()
     if st.data_ptr() == 0 or st.nbytes() == 0:
         return None
-    return (t.device, st.data_ptr(), st.nbytes())
+    # (type, index) rather than the torch.device itself: hashing devices dominates for 10k tensors
+    return (dev.type, dev.index, st.data_ptr(), st.nbytes())
 
 
 def find_shared_tensors(tensors: Mapping[str, torch.Tensor]) -> list[set[str]]:
@@ -58,26 +69,35 @@ def find_shared_tensors(tensors: Mapping[str, torch.Tensor]) -> list[set[str]]:
     >>> a = torch.zeros(4); find_shared_tensors({"a": a, "b": a.view(2, 2)})
     [{'a', 'b'}]
     """
-    by_storage: dict[tuple[torch.device, int, int], list[str]] = {}
+    by_storage: dict[tuple[str, int | None, int, int], list[str]] = {}
     for name, t in tensors.items():
         key = _storage_key(t)
         if key is not None:
             by_storage.setdefault(key, []).append(name)
-    groups: list[set[str]] = []
-    for names in sorted(by_storage.values(), key=sorted):
-        if len(names) == 1:
-            groups.append(set(names))
+    return split_overlapping(sorted(by_storage.values(), key=sorted), tensors)
+
+
+def split_overlapping(groups: Iterable[Collection[str]], tensors: Mapping[str, torch.Tensor]) -> list[set[str]]:
+    """Split each same-storage group of names into runs whose byte ranges overlap.
+
+    The furthest end seen so far is kept, so a small view nested inside a large one stays in
+    the large one's run (the reference helper loses track of it and would write it twice).
+    """
+    out: list[set[str]] = []
+    for names in groups:
+        if len(names) < 2:
+            out.append(set(names))
             continue
         areas = sorted((tensors[n].data_ptr(), _end_ptr(tensors[n]), n) for n in names)
         _, last_stop, first = areas[0]
-        groups.append({first})
+        out.append({first})
         for start, stop, name in areas[1:]:
             if start >= last_stop:
-                groups.append({name})
+                out.append({name})
             else:
-                groups[-1].add(name)
+                out[-1].add(name)
             last_stop = max(last_stop, stop)
-    return groups
+    return out
 
 
 def _end_ptr(t: torch.Tensor) -> int:

@@ -19,10 +19,10 @@ import torch
 
 from ..._dtypes import DTYPES
 from ...errors import FormatError, SerializationError, SharedTensorError
-from ...format import find_shared_tensors
 from ...format import load as _load
 from ...format import save as _save
 from ...format import save_file as _save_file
+from ...format.writer import find_shared_tensors, split_overlapping
 from . import (
     SafetensorError,
     TensorSpec,
@@ -105,21 +105,7 @@ def _end_ptr(tensor: torch.Tensor) -> int:
 def _filter_shared_not_shared(tensors: list[set[str]], state_dict: Mapping[str, torch.Tensor]) -> list[set[str]]:
     # Split storage groups into runs of overlapping byte ranges.  Unlike safetensors 0.8 we keep
     # the furthest end seen, so a small view nested inside a large one stays in its group.
-    filtered: list[set[str]] = []
-    for shared in tensors:
-        if len(shared) < 2:
-            filtered.append(shared)
-            continue
-        areas = sorted((state_dict[n].data_ptr(), _end_ptr(state_dict[n]), n) for n in shared)
-        _, last_stop, first = areas[0]
-        filtered.append({first})
-        for start, stop, name in areas[1:]:
-            if start >= last_stop:
-                filtered.append({name})
-            else:
-                filtered[-1].add(name)
-            last_stop = max(last_stop, stop)
-    return filtered
+    return split_overlapping(tensors, state_dict)
 
 
 def _find_shared_tensors(state_dict: Mapping[str, torch.Tensor]) -> list[set[str]]:
