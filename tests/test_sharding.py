@@ -349,3 +349,31 @@ def test_bench_sharded_quick_smoke(tmp_path: Path) -> None:
     }
     assert {r["impl"] for r in rows} == {"torchst", "huggingface_hub"}
     assert all(r["seconds"] > 0 for r in rows)
+
+
+def test_a_failing_shard_write_leaves_the_old_checkpoint_and_no_temporaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Shards are written concurrently; one failing writer must fail the whole save cleanly.
+    import torchst.sharding.io as sio
+
+    old, new = make_sd(1), make_sd(2)
+    d = tmp_path / "ckpt"
+    save_state_dict(old, d, max_shard_size="6KB")
+    before = sorted(p.name for p in d.iterdir())
+    real = sio.write_tensors
+    calls = [0]
+
+    def flaky(f: Any, plan: Any, **kw: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(28, "No space left on device")
+        real(f, plan, **kw)
+
+    monkeypatch.setattr(sio, "write_tensors", flaky)
+    with pytest.raises(OSError, match="No space left"):
+        save_state_dict(new, d, max_shard_size="6KB")
+    assert calls[0] >= 2
+    assert sorted(p.name for p in d.iterdir()) == before
+    loaded = load_state_dict(d)
+    assert all(torch.equal(loaded[k], v) for k, v in old.items())

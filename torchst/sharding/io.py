@@ -21,7 +21,8 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -47,6 +48,9 @@ from .plan import SINGLE_FILE, plan_shards
 __all__ = ["Checkpoint", "SaveResult", "load_state_dict", "open_checkpoint", "save_state_dict"]
 
 PathLike = str | os.PathLike[str]
+# Shards written concurrently: enough to use every core for page-cache copies, few enough to keep
+# accelerator staging buffers (one per writer) bounded.
+SHARD_WRITERS = 4
 _TEMP = re.compile(r"^\.tmp-[0-9a-f]{12}-.+\.safetensors$")
 _ATOMIC_TEMP = re.compile(r"^\.model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?\.tmp-[0-9a-f]{12}$")
 _OURS = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
@@ -132,18 +136,27 @@ def _save_directory(
     token = uuid.uuid4().hex[:12]
     temps = {fn: f".tmp-{token}-{fn}" for fn in plan.filenames}
     written: list[str] = []
+
+    def write_shard(fn: str, names: Sequence[str]) -> None:
+        kept = set(names)
+        md = _file_metadata(metadata, {a: k for a, k in aliases.items() if k in kept})
+        wplan = plan_write({n: tensors[n] for n in names}, md)
+        tmp = os.path.join(directory, temps[fn])
+        with open(tmp, "xb", buffering=WRITE_BUFFER) as f:
+            written.append(tmp)  # list.append is atomic; cleanup below sees every temp file
+            write_tensors(f, wplan)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+
     try:
-        for fn, names in zip(plan.filenames, plan.shards):
-            kept = set(names)
-            md = _file_metadata(metadata, {a: k for a, k in aliases.items() if k in kept})
-            wplan = plan_write({n: tensors[n] for n in names}, md)
-            tmp = os.path.join(directory, temps[fn])
-            with open(tmp, "xb", buffering=WRITE_BUFFER) as f:
-                written.append(tmp)
-                write_tensors(f, wplan)
-                f.flush()
-                if fsync:
-                    os.fsync(f.fileno())
+        # Shards are independent files: writing several at once lets the kernel copy into the
+        # page cache (and the disk queue fsyncs) on more than one core.  The pool is joined
+        # before anything is committed or cleaned up.
+        with ThreadPoolExecutor(max_workers=min(SHARD_WRITERS, len(plan.filenames))) as pool:
+            futures = [pool.submit(write_shard, fn, names) for fn, names in zip(plan.filenames, plan.shards)]
+        for fut in futures:
+            fut.result()  # re-raises the first failure
         _commit(directory, plan.filenames, temps, plan.weight_map, plan.total_size, old, fsync)
     except BaseException:
         for tmp in written:
