@@ -69,14 +69,18 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def rss_mib() -> float:
-    """Resident set size of this process now, in MiB."""
-    kib = _status_kib("VmRSS")
-    if kib is None:
+def _status_mib(field: str) -> float:
+    kib = _status_kib(field)
+    if kib is None:  # no /proc: the lifetime peak is the best the platform offers
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return kib / 1024
+
+
+def rss_mib() -> float:
+    """Resident set size of this process now, in MiB."""
+    return _status_mib("VmRSS")
 
 
 def reset_peak_rss() -> bool:
@@ -91,12 +95,7 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_mib() -> float:
     """Peak resident set size of this process, in MiB (since start or the last reset)."""
-    kib = _status_kib("VmHWM")
-    if kib is None:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return kib / 1024
+    return _status_mib("VmHWM")
 
 
 # -- files ----------------------------------------------------------------------------------
