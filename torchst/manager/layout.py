@@ -29,6 +29,7 @@ import uuid
 from typing import Any
 
 from ..errors import CheckpointError, CheckpointNotFoundError
+from ..format._buffers import write_all
 from ..storage.atomic import fsync_dir
 
 __all__ = [
@@ -81,9 +82,7 @@ def write_json(path: str, obj: Any) -> int:
     data = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, memoryview(data))
         os.fsync(fd)
     finally:
         os.close(fd)
