@@ -16,6 +16,7 @@ ROOT = Path(torchst.__file__).parent
 RANKS = {
     "errors": 0,
     "_dtypes": 1,
+    "_progress": 1,
     "storage": 1,
     "format": 2,
     "dedup": 3,
