@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -90,8 +91,8 @@ def test_infer_device_map_on_cpu() -> None:
 def _file(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> tuple[Path, dict[str, ReadRequest]]:
     path = tmp_path / "t.safetensors"
     torchst.save_file(tensors, path)
-    ckpt = torchst.sharding.open_checkpoint(path)
-    return path, {n: ckpt._request(n, CPU, None) for n in ckpt.tensors}
+    with torchst.sharding.open_checkpoint(path) as ckpt:  # requests that read by path, not through its fds
+        return path, {n: dataclasses.replace(ckpt._request(n, CPU, None), fd=None) for n in ckpt.tensors}
 
 
 @pytest.mark.parametrize("force_staging", [False, True])

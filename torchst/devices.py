@@ -167,6 +167,7 @@ class ReadRequest:
     shape: tuple[int, ...]
     device: torch.device
     out_dtype: torch.dtype | None = None
+    fd: int | None = None  # an open descriptor of ``path`` to read through (the caller keeps it open)
 
 
 @dataclass
@@ -195,7 +196,9 @@ class _Files:
     def __init__(self) -> None:
         self.fds: dict[str, int] = {}
 
-    def fd(self, path: str) -> int:
+    def fd(self, path: str, held: int | None = None) -> int:
+        if held is not None:
+            return held
         if path not in self.fds:
             self.fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         return self.fds[path]
@@ -236,9 +239,9 @@ def stream_tensors(
             if req.nbytes == 0 or req.device.type == "meta":
                 continue  # meta tensors have a shape and a dtype but no data to read
             if req.device.type == "cpu" and dst_dtype == req.dtype and not force_staging:
-                direct.extend(_chunks(req, t, files.fd(req.path), _DIRECT_CHUNK))
+                direct.extend(_chunks(req, t, files.fd(req.path, req.fd), _DIRECT_CHUNK))
             else:
-                staged.extend(_chunks(req, t, files.fd(req.path), buffer_bytes))
+                staged.extend(_chunks(req, t, files.fd(req.path, req.fd), buffer_bytes))
         if direct:
             _read_direct(direct)
         if staged:

@@ -8,6 +8,7 @@ This module imports nothing from torchst.
 from __future__ import annotations
 
 __all__ = [
+    "CheckpointChangedError",
     "CheckpointError",
     "CheckpointLockedError",
     "CheckpointNotFoundError",
@@ -78,7 +79,11 @@ class DeviceMapError(TorchstError, ValueError):
 
 
 class CheckpointError(TorchstError, RuntimeError):
-    """A training checkpoint cannot be saved or restored."""
+    """A checkpoint cannot be saved, opened or restored as asked."""
+
+
+class CheckpointChangedError(CheckpointError):
+    """A writer kept re-saving the checkpoint while it was being opened (retried, then gave up)."""
 
 
 class CheckpointLockedError(CheckpointError):

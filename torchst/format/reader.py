@@ -185,14 +185,20 @@ class SafeFile:
     ...     w = f.get_tensor("lm_head.weight")
     """
 
-    def __init__(self, path: PathLike, *, device: DeviceLike = "cpu", backend: str = "mmap") -> None:
+    def __init__(
+        self, path: PathLike, *, device: DeviceLike = "cpu", backend: str = "mmap", fd: int | None = None
+    ) -> None:
+        """``fd``: read a duplicate of this open descriptor (the file as opened then) instead of opening ``path``."""
         if backend not in BACKENDS:
             raise ValueError(f'backend {backend!r} is invalid (expected one of: {", ".join(map(repr, BACKENDS))})')
         self.path = os.fspath(path)
         self.device = normalize_device(device)
         self.backend = backend
         self._source = self.path
-        self._fd: int | None = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        if fd is None:
+            self._fd: int | None = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        else:
+            self._fd = os.dup(fd)
         try:
             self.file_size = os.fstat(self._fd).st_size
             prefix = os.pread(self._fd, 8, 0)

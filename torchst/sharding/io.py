@@ -1,4 +1,4 @@
-"""Save and load state dicts as one file or a sharded directory, crash-safely.
+"""Save state dicts as one file or a sharded directory, crash-safely and under live readers.
 
 Saving a directory (a crash after any step leaves the old or the new checkpoint loadable):
 
@@ -11,8 +11,22 @@ Saving a directory (a crash after any step leaves the old or the new checkpoint 
    precedence over ``model.safetensors`` when both exist);
 4. files of the old checkpoint and stale temporaries are removed.
 
-One writer per directory at a time; readers may load concurrently (replaced files stay valid
-for whoever has them open or mapped).
+A save killed before step 4 leaves its hidden temporaries behind (as large as the shards); the
+next successful save removes them, and ``torchst.sharding.cleanup`` / ``torchst cleanup DIR``
+do it on demand.
+
+Live readers (the reader's half is in ``torchst.sharding.checkpoint``): the writer changes the
+identity of the index before it touches any name a reader of the current index may open.  New
+names are created freely (no reader of the current index opens them); a name the current
+checkpoint uses is only overwritten after a transitional index, naming the temporaries, replaced
+the current one (step 2), and old files are only deleted after the commit (step 4).  The index
+is always replaced by rename, never rewritten in place, so its inode changes with every commit.
+Switching between one file and shards keeps one of the two anchors present at every moment
+(an index is committed before ``model.safetensors`` is deleted, and the reverse).  A reader
+opens everything it needs, then checks that the anchor it started from is still the one in
+place; if not it starts again.  Files stay valid for whoever holds them open or mapped.
+
+One writer per directory at a time.
 """
 
 from __future__ import annotations
@@ -23,28 +37,19 @@ import shutil
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
-from .._dtypes import from_code
-from ..dedup import ALIASES_KEY, TiedKeys, alias_metadata, aliases_from_metadata, deduplicate, expand_aliases
-from ..devices import DeviceMap, ReadRequest, check_device, resolve_device_map, stream_tensors
-from ..errors import (
-    CheckpointNotFoundError,
-    DeviceMapError,
-    SerializationError,
-    ShardIndexError,
-    TensorNotFoundError,
-)
-from ..format.header import TensorInfo
-from ..format.reader import BACKENDS, DeviceLike, SafeFile, _torch_shape
+from ..dedup import ALIASES_KEY, TiedKeys, alias_metadata, deduplicate
+from ..errors import SerializationError, ShardIndexError
 from ..format.writer import plan_write, write_tensors
 from ..storage.atomic import WRITE_BUFFER, atomic_write, fsync_dir, temp_path
-from .index import INDEX_SUFFIX, ShardIndex, index_filename, read_index
+from .checkpoint import Checkpoint, load_state_dict, open_checkpoint
+from .index import ShardIndex, index_filename, read_index
 from .plan import SINGLE_FILE, plan_shards
 
+# Checkpoint, open_checkpoint and load_state_dict live in .checkpoint; re-exported for old imports.
 __all__ = ["Checkpoint", "SaveResult", "load_state_dict", "open_checkpoint", "save_state_dict"]
 
 PathLike = str | os.PathLike[str]
@@ -181,7 +186,14 @@ def _commit(
     join = os.path.join
     index_path = join(directory, index_filename())
     if len(filenames) == 1 and filenames[0] == SINGLE_FILE:
-        os.replace(join(directory, temps[SINGLE_FILE]), join(directory, SINGLE_FILE))
+        single, tmp = join(directory, SINGLE_FILE), join(directory, temps[SINGLE_FILE])
+        if index_filename() in old and SINGLE_FILE in old:
+            # The committed index reads shards from model.safetensors: retarget it to the
+            # temporary file before that name is overwritten (the temporary is cleaned up later).
+            _write_index(index_path, ShardIndex.build(dict.fromkeys(weight_map, temps[SINGLE_FILE]), total_size), fsync)
+            _link_over(tmp, single)
+        else:
+            os.replace(tmp, single)
         if fsync:
             fsync_dir(directory)
         if os.path.exists(index_path):
@@ -245,220 +257,3 @@ def _cleanup(directory: str, keep: set[str], old: set[str]) -> None:
                 os.unlink(os.path.join(directory, name))
             except (FileNotFoundError, IsADirectoryError):
                 pass
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """The validated layout of a checkpoint (one file or shards + index); no tensor read yet.
-
-    >>> ckpt = torchst.sharding.open_checkpoint("ckpt")
-    >>> sorted(ckpt.keys())[:2], ckpt.aliases
-    (['embed.weight', 'layers.0.w'], {'lm_head.weight': 'embed.weight'})
-    """
-
-    source: str
-    files: tuple[str, ...]
-    tensors: dict[str, tuple[str, int, TensorInfo]]  # name -> (file path, data start, info)
-    aliases: dict[str, str]
-    metadata: dict[str, str] = field(default_factory=dict)
-    index: ShardIndex | None = None
-
-    def keys(self) -> list[str]:
-        """Every name the checkpoint answers to: stored tensors, then aliases."""
-        return list(self.tensors) + list(self.aliases)
-
-    def load(
-        self,
-        names: Collection[str] | None = None,
-        *,
-        device: DeviceLike = "cpu",
-        device_map: DeviceMap | None = None,
-        dtype: torch.dtype | None = None,
-        dtypes: Mapping[str, torch.dtype] | None = None,
-        backend: str = "mmap",
-    ) -> dict[str, torch.Tensor]:
-        """Read ``names`` (default: all) with aliases expanded; see ``load_state_dict``.
-
-        ``dtypes`` overrides the target dtype per stored name (``dtype`` casts floating tensors).
-        """
-        if backend not in BACKENDS:
-            raise ValueError(f"backend {backend!r} is invalid (expected one of: {', '.join(map(repr, BACKENDS))})")
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating torch.dtype such as torch.bfloat16, found {dtype!r}")
-        wanted = self._select(names)
-        devices = self._devices(wanted, device, device_map)
-        targets = self._dtypes(wanted, dtype, dtypes)
-        out: dict[str, torch.Tensor] = {}
-        mapped = [n for n in wanted if devices[n].type == "cpu" and targets[n] is None and backend == "mmap"]
-        by_file: dict[str, list[str]] = {}
-        for n in mapped:
-            by_file.setdefault(self.tensors[n][0], []).append(n)
-        for path, group in by_file.items():
-            # Zero-copy: each tensor is a window of one copy-on-write mapping of the file.
-            with SafeFile(path, backend="mmap") as f:
-                out.update((n, f.get_tensor(n)) for n in group)
-        requests = [self._request(n, devices[n], targets[n]) for n in wanted if n not in out]
-        out.update(stream_tensors(requests))
-        ordered = {n: out[n] for n in wanted}
-        return expand_aliases(ordered, {a: k for a, k in self.aliases.items() if k in ordered})
-
-    def _select(self, names: Collection[str] | None) -> list[str]:
-        if names is None:
-            return list(self.tensors)
-        stored = {self.aliases.get(n, n) for n in names}
-        missing = sorted(n for n in stored if n not in self.tensors)
-        if missing:
-            raise TensorNotFoundError(
-                f"{self.source}: checkpoint does not contain {missing[:5]} ({len(self.tensors)} tensors stored)"
-            )
-        return [n for n in self.tensors if n in stored]
-
-    def _devices(self, names: list[str], device: DeviceLike, device_map: DeviceMap | None) -> dict[str, torch.device]:
-        if device_map is None:
-            dev = check_device(device)
-            return dict.fromkeys(names, dev)
-        if isinstance(device_map, str):
-            raise DeviceMapError(
-                f"device_map={device_map!r} needs the model's structure; use torchst.load_model(model, ...) "
-                "or pass a dict {module prefix: device}"
-            )
-        return resolve_device_map(names, device_map)
-
-    def _dtypes(
-        self, names: list[str], dtype: torch.dtype | None, dtypes: Mapping[str, torch.dtype] | None
-    ) -> dict[str, torch.dtype | None]:
-        out: dict[str, torch.dtype | None] = {}
-        for n in names:
-            src = self._torch_dtype(n)
-            want = dtypes.get(n) if dtypes else None
-            if want is None and dtype is not None and src.is_floating_point:
-                want = dtype
-            out[n] = None if want == src else want
-        return out
-
-    def _torch_dtype(self, name: str) -> torch.dtype:
-        path, _, info = self.tensors[name]
-        return from_code(info.dtype).require_torch(f"{path}: tensor {name!r}")
-
-    def _request(self, name: str, device: torch.device, out_dtype: torch.dtype | None) -> ReadRequest:
-        path, start, info = self.tensors[name]
-        where = f"{path}: tensor {name!r}"
-        row = from_code(info.dtype, where)
-        shape = _torch_shape(info, row, where)
-        return ReadRequest(
-            name, path, start + info.begin, info.nbytes, row.require_torch(where), shape, device, out_dtype
-        )
-
-
-def _resolve(path: str) -> tuple[str, str | None]:
-    """(directory, index path or None) plus the single file when there is no index."""
-    if not os.path.exists(path):
-        raise CheckpointNotFoundError(f"{path}: no such file or directory")
-    if os.path.isfile(path):
-        return path, path if path.endswith(".index.json") else None
-    index = os.path.join(path, index_filename())
-    if os.path.isfile(index):
-        return path, index
-    single = os.path.join(path, SINGLE_FILE)
-    if os.path.isfile(single):
-        return single, None
-    entries = sorted(e for e in os.listdir(path) if not e.startswith("."))
-    indexes = [e for e in entries if e.endswith(INDEX_SUFFIX)]
-    files = [e for e in entries if e.endswith(".safetensors")]
-    if len(indexes) == 1:
-        return path, os.path.join(path, indexes[0])
-    if not indexes and len(files) == 1:
-        return os.path.join(path, files[0]), None
-    raise CheckpointNotFoundError(
-        f"{path}: found no checkpoint to load (expected {index_filename()} or {SINGLE_FILE}; "
-        f"found {len(indexes)} index file(s) and {len(files)} .safetensors file(s): {(indexes + files)[:6]}); "
-        "pass the path of the file or index to load"
-    )
-
-
-def open_checkpoint(path_or_directory: PathLike) -> Checkpoint:
-    """Validate a checkpoint's layout: a file, a directory, or an ``*.index.json`` path.
-
-    Every header is parsed, every shard named by the index must exist inside the directory and
-    hold the tensors the index assigns to it.
-
-    >>> ckpt = open_checkpoint("ckpt")
-    >>> len(ckpt.files), len(ckpt.keys())
-    (3, 291)
-    """
-    source = os.fspath(path_or_directory)
-    target, index_path = _resolve(source)
-    if index_path is None:
-        with SafeFile(target, backend="pread") as f:
-            header = f.header
-        tensors = {n: (target, header.data_start, info) for n, info in header.tensors.items()}
-        md = header.metadata or {}
-        return Checkpoint(source, (target,), tensors, _aliases([md], tensors), _user_metadata(md))
-    directory = os.path.dirname(index_path)
-    index = read_index(index_path)
-    tensors = {}
-    metadatas: list[dict[str, str]] = []
-    files: list[str] = []
-    for fn in index.filenames:
-        shard = os.path.join(directory, fn)
-        expected = [n for n, f in index.weight_map.items() if f == fn]
-        if not os.path.isfile(shard):
-            raise ShardIndexError(
-                f"{index_path}: shard {fn!r} (holding {len(expected)} tensor(s), e.g. {expected[0]!r}) is missing "
-                f"from {directory or '.'}; the download or copy is incomplete"
-            )
-        with SafeFile(shard, backend="pread") as f:
-            header = f.header
-        absent = [n for n in expected if n not in header.tensors]
-        if absent:
-            raise ShardIndexError(
-                f"{index_path}: the index puts {absent[:5]} in {fn!r}, but that shard does not contain "
-                f"{'them' if len(absent) > 1 else 'it'}; the index and the shards come from different saves"
-            )
-        files.append(shard)
-        metadatas.append(header.metadata or {})
-        for n in expected:
-            tensors[n] = (shard, header.data_start, header.tensors[n])
-    ordered = {n: tensors[n] for n in sorted(tensors, key=lambda n: (files.index(tensors[n][0]), tensors[n][2].begin))}
-    md = _user_metadata(metadatas[0]) if metadatas else {}
-    # huggingface_hub records the names it dropped in the index metadata rather than the shards
-    from_index = {k: v for k, v in index.metadata.items() if isinstance(v, str)}
-    return Checkpoint(source, tuple(files), ordered, _aliases([from_index, *metadatas], ordered), md, index)
-
-
-def _aliases(metadatas: list[dict[str, str]], tensors: Mapping[str, object]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for md in metadatas:
-        out.update(aliases_from_metadata(md, names=tensors))
-    for alias, kept in out.items():
-        if kept not in tensors:
-            raise ShardIndexError(f"alias {alias!r} refers to {kept!r}, which no file of the checkpoint stores")
-        if alias in tensors:
-            raise ShardIndexError(f"{alias!r} is recorded as an alias of {kept!r} but is also stored itself")
-    return dict(sorted(out.items()))
-
-
-def _user_metadata(md: Mapping[str, str]) -> dict[str, str]:
-    recorded = aliases_from_metadata(md)
-    return {k: v for k, v in md.items() if k != ALIASES_KEY and recorded.get(k) != v}
-
-
-def load_state_dict(
-    path_or_directory: PathLike,
-    *,
-    device: DeviceLike = "cpu",
-    device_map: DeviceMap | None = None,
-    dtype: torch.dtype | None = None,
-    backend: str = "mmap",
-) -> dict[str, torch.Tensor]:
-    """Every tensor of a file, directory or index; aliases map to the same tensor object.
-
-    CPU loads in the stored dtype with ``backend="mmap"`` (the default) are zero-copy windows of
-    the mapped files; everything else is read into new memory on the target device (``device``,
-    or per name with ``device_map={prefix: device}``).  ``dtype`` casts floating tensors.
-
-    >>> sd = torchst.load_state_dict("ckpt", device="cpu", dtype=torch.bfloat16)
-    >>> sd["lm_head.weight"] is sd["embed.weight"]
-    True
-    """
-    return open_checkpoint(path_or_directory).load(device=device, device_map=device_map, dtype=dtype, backend=backend)

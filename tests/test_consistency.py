@@ -1,0 +1,226 @@
+"""Readers see one whole checkpoint while a writer re-saves it: never a mix, only torchst errors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import torchst
+from torchst.errors import CheckpointChangedError, CheckpointError, ShardIndexError
+from torchst.sharding import checkpoint as ck
+from torchst.sharding import io as sio
+from torchst.sharding import load_state_dict, open_checkpoint, save_state_dict
+
+N = 8
+
+
+def generation(gen: int, *, dtype: torch.dtype = torch.float32, width: int = 64) -> dict[str, torch.Tensor]:
+    return {f"t{i}": torch.full((width,), float(gen), dtype=dtype) for i in range(N)}
+
+
+def save(directory: Path, gen: int, shards: int, **kw: Any) -> None:
+    """``shards`` shards of generation ``gen`` (1 = a single model.safetensors)."""
+    tensors = generation(gen, **kw)
+    per = next(iter(tensors.values())).nbytes * (N // shards)
+    save_state_dict(tensors, directory, max_shard_size=None if shards == 1 else per)
+    expected = 1 if shards == 1 else shards
+    assert len(open_checkpoint(directory).files) == expected
+
+
+def generations(sd: dict[str, torch.Tensor]) -> set[float]:
+    assert sorted(sd) == [f"t{i}" for i in range(N)]
+    return {v for t in sd.values() for v in t.float().unique().tolist()}
+
+
+class _Stop(BaseException):
+    """Ends the writer midway, as a kill would (BaseException: nothing catches it)."""
+
+
+@contextmanager
+def after_index_read(action: Callable[[], None]) -> Iterator[list[int]]:
+    """Run ``action`` once, right after a reader has read the index and before it opens a shard."""
+    real = ck.ShardIndex.parse
+    calls = [0]
+
+    def parse(text: str | bytes, *, source: str = "<index>") -> ck.ShardIndex:
+        out = real(text, source=source)
+        calls[0] += 1
+        if calls[0] == 1:
+            action()
+        return out
+
+    ck.ShardIndex.parse = parse  # type: ignore[method-assign]
+    try:
+        yield calls
+    finally:
+        ck.ShardIndex.parse = real  # type: ignore[method-assign]
+
+
+def half_save(directory: Path, gen: int, shards: int, monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """A re-save stopped after replacing half of the final shard names."""
+
+    def run() -> None:
+        real = sio._link_over
+        done = [0]
+
+        def link_over(src: str, dst: str) -> None:
+            if done[0] == shards // 2:
+                raise _Stop
+            real(src, dst)
+            done[0] += 1
+
+        monkeypatch.setattr(sio, "_link_over", link_over)
+        try:
+            save(directory, gen, shards)
+        except _Stop:
+            pass
+        finally:
+            monkeypatch.setattr(sio, "_link_over", real)
+
+    return run
+
+
+@pytest.mark.parametrize("backend", ["mmap", "pread", "eager"])
+def test_reader_between_shard_replacements_never_mixes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    save(tmp_path, 0, 4)
+    with after_index_read(half_save(tmp_path, 1, 4, monkeypatch)) as calls:
+        sd = load_state_dict(tmp_path, backend=backend)
+    assert calls[0] >= 2  # the reader saw the index change and started again
+    assert generations(sd) == {1.0}  # the transitional index: every tensor of the new save
+    assert generations(load_state_dict(tmp_path)) == {1.0}
+    save(tmp_path, 2, 4)  # the stopped save's leftovers do not disturb the next one
+    assert generations(load_state_dict(tmp_path)) == {2.0}
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+@pytest.mark.parametrize(("before", "after"), [(4, 2), (2, 4), (4, 1), (1, 4), (1, 1), (4, 4)])
+def test_reader_overtaken_by_whole_saves_gets_the_new_checkpoint(tmp_path: Path, before: int, after: int) -> None:
+    # Between the reader's index read and its shard opens, a whole save (old files deleted
+    # included) lands: the reader must start again, not blame a missing shard or mix.
+    save(tmp_path, 0, before)
+    real = ck._build
+    calls = []
+
+    def build(*args: Any) -> ck.Checkpoint:
+        calls.append(1)
+        if len(calls) == 1:
+            save(tmp_path, 1, after)
+        return real(*args)
+
+    ck._build = build  # type: ignore[assignment]
+    try:
+        sd = load_state_dict(tmp_path, backend="pread")
+    finally:
+        ck._build = real  # type: ignore[assignment]
+    assert generations(sd) == {1.0}
+    assert len(calls) >= 3  # the reader, the save helper's own check, the reader again
+
+
+def test_open_checkpoint_keeps_the_snapshot_it_advertised(tmp_path: Path) -> None:
+    save(tmp_path, 7, 4)
+    with open_checkpoint(tmp_path) as ckpt:
+        # Replaced under the open checkpoint: same names, other dtype, other shape, other values.
+        save(tmp_path, 3, 4, dtype=torch.bfloat16, width=96)
+        for backend in ("mmap", "pread", "eager"):
+            sd = ckpt.load(backend=backend)
+            assert {t.dtype for t in sd.values()} == {torch.float32}, backend
+            assert {tuple(t.shape) for t in sd.values()} == {(64,)}, backend
+            assert generations(sd) == {7.0}, backend
+        cast = ckpt.load(dtype=torch.float64)
+        assert {t.dtype for t in cast.values()} == {torch.float64} and generations(cast) == {7.0}
+        with ckpt.open_file(ckpt.files[0], backend="pread") as f:
+            assert f.get_tensor(f.keys()[0]).dtype == torch.float32
+    with pytest.raises(CheckpointError, match="closed"):
+        ckpt.load()
+    fresh = load_state_dict(tmp_path)
+    assert {t.dtype for t in fresh.values()} == {torch.bfloat16} and generations(fresh) == {3.0}
+
+
+def test_single_file_snapshot_survives_replacement(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    torchst.save_file({"w": torch.arange(4.0)}, path)
+    with open_checkpoint(path) as ckpt:
+        torchst.save_file({"w": torch.zeros(9, dtype=torch.int8)}, path)
+        assert torch.equal(ckpt.load(backend="pread")["w"], torch.arange(4.0))
+        assert torch.equal(ckpt.load()["w"], torch.arange(4.0))
+
+
+def test_mmap_loads_do_not_share_memory(tmp_path: Path) -> None:
+    save(tmp_path, 1, 2)
+    with open_checkpoint(tmp_path) as ckpt:
+        a = ckpt.load()
+        a["t0"].add_(5)
+        assert generations(ckpt.load()) == {1.0}
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_no_descriptor_leaks(tmp_path: Path) -> None:
+    save(tmp_path, 1, 4)
+    load_state_dict(tmp_path)
+    before = _open_fds()
+    for i in range(200):
+        if i % 3 == 0:
+            with open_checkpoint(tmp_path) as ckpt:
+                ckpt.load(backend="pread")
+        elif i % 3 == 1:
+            open_checkpoint(tmp_path).load()  # dropped without close(): released when collected
+        else:
+            load_state_dict(tmp_path, backend="eager")
+    with pytest.raises(ShardIndexError):
+        load_state_dict(tmp_path / "model.safetensors.index.json", trusted_roots=None) if False else _broken(tmp_path)
+    assert _open_fds() == before
+
+
+def _broken(tmp_path: Path) -> None:
+    os.unlink(tmp_path / "model-00002-of-00004.safetensors")
+    load_state_dict(tmp_path)
+
+
+def test_a_writer_that_never_pauses_gets_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save(tmp_path, 1, 2)
+    monkeypatch.setattr(ck, "_unchanged", lambda source, anchor: False)
+    monkeypatch.setattr(ck.time, "sleep", lambda s: None)
+    with pytest.raises(CheckpointChangedError, match=r"changed 10 times while it was being opened; a writer is re-sav"):
+        load_state_dict(tmp_path)
+
+
+def test_missing_shard_without_a_writer_is_reported_as_is(tmp_path: Path) -> None:
+    save(tmp_path, 1, 4)
+    os.unlink(tmp_path / "model-00003-of-00004.safetensors")
+    with pytest.raises(ShardIndexError, match=r"'model-00003-of-00004.safetensors' .* is missing .* incomplete"):
+        load_state_dict(tmp_path)
+
+
+def test_index_naming_model_safetensors_is_retargeted_before_overwrite(tmp_path: Path) -> None:
+    # A foreign index that keeps its tensors in "model.safetensors": a single-file re-save must
+    # not overwrite that name while the index still reads from it.
+    torchst.save_file(generation(0), tmp_path / "model.safetensors")
+    index = ck.ShardIndex.build(dict.fromkeys(generation(0), "model.safetensors"), 8 * 256)
+    (tmp_path / "model.safetensors.index.json").write_text(index.to_json())
+    seen: list[set[float]] = []
+    real = sio._link_over
+
+    def link_over(src: str, dst: str) -> None:
+        seen.append(generations(load_state_dict(tmp_path)))  # a reader just before the overwrite
+        real(src, dst)
+        seen.append(generations(load_state_dict(tmp_path)))  # and just after
+
+    sio._link_over = link_over  # type: ignore[assignment]
+    try:
+        save(tmp_path, 1, 1)
+    finally:
+        sio._link_over = real  # type: ignore[assignment]
+    assert seen == [{1.0}, {1.0}]
+    assert sorted(os.listdir(tmp_path)) == ["model.safetensors"]

@@ -1,0 +1,527 @@
+"""Open a checkpoint (one file, or shards + index) as one consistent snapshot: ``open_checkpoint``.
+
+Reader protocol (the writer's half, and the crash protocol, are in ``torchst.sharding.io``):
+
+1. **anchor**: resolve what defines the checkpoint (the index, or the single file of a directory
+   without one), open it and keep the descriptor.  While we hold it its inode cannot be freed,
+   so no later file can reuse the inode number: (device, inode) names this exact file.
+2. read the index through that descriptor, open every shard it names and parse each header,
+   keeping every descriptor.
+3. **check**: the path still resolves to the same anchor (same device and inode as the held
+   descriptor, same ctime, size and, for an index, the same bytes).  The writer changes the
+   index's identity before it touches any name a reader may be opening, so an unchanged anchor
+   means every shard we opened belongs to it.  A changed anchor (or an error in step 2 that
+   coincides with one: a shard gone, a shard that lacks tensors) means a writer committed in
+   between: close everything, back off briefly and start again, ``OPEN_ATTEMPTS`` times at most,
+   then raise ``CheckpointChangedError``.  Errors with an unchanged anchor are reported as they are.
+4. the ``Checkpoint`` reads only through the descriptors it holds (``pread``, or a fresh private
+   mapping per load), so it returns the bytes it advertised even after the files were replaced
+   or deleted.  ``close()`` (or ``with``) releases them; until then replaced files keep their
+   disk space.
+
+Symlinks: the path the user gives is followed wherever it leads.  Files found inside a
+checkpoint directory (the index, shards, a ``model.safetensors``) must resolve inside that
+directory, into the ``blobs/`` folder of a Hugging Face cache when the directory is a
+``snapshots/<rev>`` folder of one (``snapshots/<rev>/… -> ../../blobs/…``), or under a trusted
+root (``trusted_roots=[...]`` or ``TORCHST_TRUSTED_ROOTS``, paths separated by ``os.pathsep``).
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import random
+import time
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .._dtypes import from_code
+from ..dedup import ALIASES_KEY, aliases_from_metadata, expand_aliases
+from ..devices import DeviceMap, ReadRequest, check_device, resolve_device_map, stream_tensors
+from ..errors import (
+    CheckpointChangedError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    DeviceMapError,
+    ShardIndexError,
+    TensorNotFoundError,
+    TorchstError,
+)
+from ..format.header import Header, TensorInfo, parse_header, read_header_length
+from ..format.reader import BACKENDS, DeviceLike, SafeFile, _from_window, _gc_paused, _torch_shape
+from .index import INDEX_SUFFIX, MAX_INDEX_SIZE, ShardIndex, index_filename
+from .plan import SINGLE_FILE
+
+__all__ = ["OPEN_ATTEMPTS", "TRUSTED_ROOTS_ENV", "Checkpoint", "load_state_dict", "open_checkpoint"]
+
+log = logging.getLogger(__name__)
+PathLike = str | os.PathLike[str]
+# A writer commits at most a few times a second; a reader that loses this many races in a row
+# (about 0.4 s of backoff in all) is facing a writer in a tight loop and should hear about it.
+OPEN_ATTEMPTS = 10
+TRUSTED_ROOTS_ENV = "TORCHST_TRUSTED_ROOTS"
+_O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+
+
+class _Handles:
+    """The descriptors a Checkpoint reads through, one per file, closed together."""
+
+    def __init__(self) -> None:
+        self.fds: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
+        self.index_fd: int | None = None  # held while opening only: it pins the anchor's inode
+        self.closed = False
+
+    def open(self, path: str, real: str | None = None) -> int:
+        fd = os.open(real or path, _O_READ)
+        self.fds[path] = fd
+        self.sizes[path] = os.fstat(fd).st_size
+        return fd
+
+    def release_index(self) -> None:
+        fd, self.index_fd = self.index_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        self.closed = True
+        self.release_index()
+        fds, self.fds = self.fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+
+@dataclass(frozen=True)
+class _Anchor:
+    path: str
+    fd: int
+    dev: int
+    ino: int
+    ctime_ns: int
+    size: int
+    content: bytes | None  # the index's bytes; None for a single file
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """An open checkpoint (one file or shards + index): validated headers, descriptors held.
+
+    Loads read the files this object opened, even if a writer replaced them since; close it (or
+    use ``with``) to release them.
+
+    >>> with torchst.sharding.open_checkpoint("ckpt") as ckpt:
+    ...     sorted(ckpt.keys())[:2], ckpt.aliases
+    (['embed.weight', 'layers.0.w'], {'lm_head.weight': 'embed.weight'})
+    """
+
+    source: str
+    files: tuple[str, ...]
+    tensors: dict[str, tuple[str, int, TensorInfo]]  # name -> (file path, data start, info)
+    aliases: dict[str, str]
+    metadata: dict[str, str] = field(default_factory=dict)
+    index: ShardIndex | None = None
+    # shard path -> tensors stored there that the index does not read from it (never loaded)
+    unindexed: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    _handles: _Handles = field(default_factory=_Handles, repr=False, compare=False)
+
+    # -- lifetime -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the files; tensors already loaded stay valid."""
+        self._handles.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._handles.closed
+
+    def __enter__(self) -> Checkpoint:  # noqa: PYI034 - subclasses are not part of the API
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A Checkpoint dropped without close() must not leak descriptors (interpreter shutdown
+        # may have torn os down already; nothing useful to report then).
+        try:
+            self._handles.close()
+        except (OSError, AttributeError, TypeError):
+            pass
+
+    def _fd(self, path: str) -> int:
+        fd = self._handles.fds.get(path)
+        if fd is None:
+            if self._handles.closed:
+                raise CheckpointError(f"{self.source}: the checkpoint is closed; open it again with open_checkpoint()")
+            raise CheckpointError(f"{self.source}: {path} is not a file this checkpoint opened")
+        return fd
+
+    # -- reading --------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        """Every name the checkpoint answers to: stored tensors, then aliases."""
+        return list(self.tensors) + list(self.aliases)
+
+    def open_file(self, path: str, *, device: DeviceLike = "cpu", backend: str = "mmap") -> SafeFile:
+        """A ``SafeFile`` over one of ``files``, reading the bytes this checkpoint opened.
+
+        >>> with open_checkpoint("ckpt") as ckpt, ckpt.open_file(ckpt.files[0]) as f:
+        ...     w = f.get_tensor(f.keys()[0])
+        """
+        return SafeFile(path, device=device, backend=backend, fd=self._fd(path))
+
+    def load(
+        self,
+        names: Collection[str] | None = None,
+        *,
+        device: DeviceLike = "cpu",
+        device_map: DeviceMap | None = None,
+        dtype: torch.dtype | None = None,
+        dtypes: Mapping[str, torch.dtype] | None = None,
+        backend: str = "mmap",
+    ) -> dict[str, torch.Tensor]:
+        """Read ``names`` (default: all) with aliases expanded; see ``load_state_dict``.
+
+        ``dtypes`` overrides the target dtype per stored name (``dtype`` casts floating tensors).
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r} is invalid (expected one of: {', '.join(map(repr, BACKENDS))})")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype such as torch.bfloat16, found {dtype!r}")
+        wanted = self._select(names)
+        devices = self._devices(wanted, device, device_map)
+        targets = self._dtypes(wanted, dtype, dtypes)
+        out: dict[str, torch.Tensor] = {}
+        mapped = [n for n in wanted if devices[n].type == "cpu" and targets[n] is None and backend == "mmap"]
+        by_file: dict[str, list[str]] = {}
+        for n in mapped:
+            by_file.setdefault(self.tensors[n][0], []).append(n)
+        for path, group in by_file.items():
+            out.update(self._mapped(path, group))
+        requests = [self._request(n, devices[n], targets[n]) for n in wanted if n not in out]
+        out.update(stream_tensors(requests))
+        ordered = {n: out[n] for n in wanted}
+        return expand_aliases(ordered, {a: k for a, k in self.aliases.items() if k in ordered})
+
+    def _mapped(self, path: str, names: list[str]) -> dict[str, torch.Tensor]:
+        # Zero-copy: each tensor is a window of one copy-on-write mapping of the descriptor we
+        # hold.  A fresh mapping per load, so writes into one load's tensors never reach another's.
+        size = self._handles.sizes[path]
+        buf = memoryview(mmap.mmap(self._fd(path), size, access=mmap.ACCESS_COPY))
+        address = torch.frombuffer(buf, dtype=torch.uint8, count=1).data_ptr() if size else 0
+        return {n: _from_window(buf, self.tensors[n][2], self.tensors[n][1], address, path) for n in names}
+
+    def _select(self, names: Collection[str] | None) -> list[str]:
+        if names is None:
+            return list(self.tensors)
+        stored = {self.aliases.get(n, n) for n in names}
+        missing = sorted(n for n in stored if n not in self.tensors)
+        if missing:
+            raise TensorNotFoundError(
+                f"{self.source}: checkpoint does not contain {missing[:5]} ({len(self.tensors)} tensors stored)"
+            )
+        return [n for n in self.tensors if n in stored]
+
+    def _devices(self, names: list[str], device: DeviceLike, device_map: DeviceMap | None) -> dict[str, torch.device]:
+        if device_map is None:
+            dev = check_device(device)
+            return dict.fromkeys(names, dev)
+        if isinstance(device_map, str):
+            raise DeviceMapError(
+                f"device_map={device_map!r} needs the model's structure; use torchst.load_model(model, ...) "
+                "or pass a dict {module prefix: device}"
+            )
+        return resolve_device_map(names, device_map)
+
+    def _dtypes(
+        self, names: list[str], dtype: torch.dtype | None, dtypes: Mapping[str, torch.dtype] | None
+    ) -> dict[str, torch.dtype | None]:
+        out: dict[str, torch.dtype | None] = {}
+        for n in names:
+            src = self._torch_dtype(n)
+            want = dtypes.get(n) if dtypes else None
+            if want is None and dtype is not None and src.is_floating_point:
+                want = dtype
+            out[n] = None if want == src else want
+        return out
+
+    def _torch_dtype(self, name: str) -> torch.dtype:
+        path, _, info = self.tensors[name]
+        return from_code(info.dtype).require_torch(f"{path}: tensor {name!r}")
+
+    def _request(self, name: str, device: torch.device, out_dtype: torch.dtype | None) -> ReadRequest:
+        path, start, info = self.tensors[name]
+        where = f"{path}: tensor {name!r}"
+        row = from_code(info.dtype, where)
+        shape = _torch_shape(info, row, where)
+        fd = None if device.type == "meta" else self._fd(path)
+        return ReadRequest(
+            name, path, start + info.begin, info.nbytes, row.require_torch(where), shape, device, out_dtype, fd
+        )
+
+
+# -- opening -----------------------------------------------------------------------------
+
+
+def _resolve(path: str) -> tuple[str, str | None]:
+    """(file or directory, index path or None); a directory without an index gives its single file."""
+    if not os.path.exists(path):
+        raise CheckpointNotFoundError(f"{path}: no such file or directory")
+    if os.path.isfile(path):
+        return path, path if path.endswith(".index.json") else None
+    index = os.path.join(path, index_filename())
+    if os.path.isfile(index):
+        return path, index
+    single = os.path.join(path, SINGLE_FILE)
+    if os.path.isfile(single):
+        return single, None
+    entries = sorted(e for e in os.listdir(path) if not e.startswith("."))
+    indexes = [e for e in entries if e.endswith(INDEX_SUFFIX)]
+    files = [e for e in entries if e.endswith(".safetensors")]
+    if len(indexes) == 1:
+        return path, os.path.join(path, indexes[0])
+    if not indexes and len(files) == 1:
+        return os.path.join(path, files[0]), None
+    raise CheckpointNotFoundError(
+        f"{path}: found no checkpoint to load (expected {index_filename()} or {SINGLE_FILE}; "
+        f"found {len(indexes)} index file(s) and {len(files)} .safetensors file(s): {(indexes + files)[:6]}); "
+        "pass the path of the file or index to load"
+    )
+
+
+def trusted_roots_from(trusted_roots: Iterable[PathLike] | None) -> tuple[str, ...]:
+    """Real paths of ``trusted_roots`` plus those in ``$TORCHST_TRUSTED_ROOTS``."""
+    roots = [os.fspath(r) for r in trusted_roots or ()]
+    roots += [r for r in os.environ.get(TRUSTED_ROOTS_ENV, "").split(os.pathsep) if r]
+    return tuple(os.path.realpath(r) for r in roots)
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _hf_blobs(base: str) -> str | None:
+    """``<repo>/blobs`` when ``base`` is (inside) a ``<repo>/snapshots/<rev>`` folder of a Hugging Face cache."""
+    d = base
+    while True:
+        parent = os.path.dirname(d)
+        if parent == d:
+            return None
+        if os.path.basename(parent) == "snapshots":
+            return os.path.join(os.path.dirname(parent), "blobs")
+        d = parent
+
+
+def check_link(directory: str, name: str, roots: tuple[str, ...], where: str) -> str:
+    """The real path of ``directory/name`` if the symlink policy allows it (see the module docstring)."""
+    path = os.path.join(directory, name)
+    real = os.path.realpath(path)
+    base = os.path.realpath(directory)
+    if _within(real, base) or any(_within(real, r) for r in roots):
+        return real
+    blobs = _hf_blobs(base)
+    if blobs is not None and os.path.dirname(real) == blobs:
+        return real
+    raise ShardIndexError(
+        f"{where}: {name!r} in {directory or '.'} is a symbolic link leading to {real}, outside the checkpoint "
+        "directory; torchst follows links inside a checkpoint only when they stay in it or lead into a Hugging Face "
+        f"cache (snapshots/<rev>/… -> ../../blobs/…).  If you trust {os.path.dirname(real)}, pass "
+        f"trusted_roots=[{os.path.dirname(real)!r}] (or set {TRUSTED_ROOTS_ENV}), or open the file itself"
+    )
+
+
+def _read_fd(fd: int, size: int) -> bytes:
+    chunks, done = [], 0
+    while done < size:
+        got = os.pread(fd, size - done, done)
+        if not got:
+            break
+        chunks.append(got)
+        done += len(got)
+    return b"".join(chunks)
+
+
+def _open_anchor(source: str, handles: _Handles, roots: tuple[str, ...]) -> _Anchor:
+    target, index_path = _resolve(source)
+    path = index_path or target
+    real = None
+    if path != source:  # found inside the directory the user named: the link policy applies
+        real = check_link(os.path.dirname(path), os.path.basename(path), roots, source)
+    content = None
+    if index_path is None:
+        fd = handles.open(path, real)
+        st = os.fstat(fd)
+    else:
+        fd = handles.index_fd = os.open(real or path, _O_READ)
+        st = os.fstat(fd)
+        if st.st_size > MAX_INDEX_SIZE:
+            raise ShardIndexError(
+                f"{path}: the index is {st.st_size:,} bytes, more than the {MAX_INDEX_SIZE:,} an index can reasonably be"
+            )
+        content = _read_fd(fd, st.st_size)
+    return _Anchor(path, fd, st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size, content)
+
+
+def _unchanged(source: str, anchor: _Anchor) -> bool:
+    try:
+        target, index_path = _resolve(source)
+        if (index_path or target) != anchor.path:
+            return False
+        st = os.stat(anchor.path)
+    except (OSError, TorchstError):
+        return False
+    if (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size) != (anchor.dev, anchor.ino, anchor.ctime_ns, anchor.size):
+        return False
+    return anchor.content is None or _read_fd(anchor.fd, anchor.size + 1) == anchor.content
+
+
+def _header(fd: int, size: int, source: str) -> Header:
+    n = read_header_length(os.pread(fd, 8, 0), source=source, file_size=size)
+    raw = os.pread(fd, n, 8)
+    with _gc_paused():
+        return parse_header(raw, source=source, data_size=size - 8 - n)
+
+
+def _build(source: str, anchor: _Anchor, handles: _Handles, roots: tuple[str, ...]) -> Checkpoint:
+    if anchor.content is None:
+        header = _header(anchor.fd, anchor.size, anchor.path)
+        tensors = {n: (anchor.path, header.data_start, info) for n, info in header.tensors.items()}
+        md = header.metadata or {}
+        return Checkpoint(
+            source, (anchor.path,), tensors, _aliases([md], tensors), _user_metadata(md), _handles=handles
+        )
+    index_path = anchor.path
+    directory = os.path.dirname(index_path)
+    index = ShardIndex.parse(anchor.content, source=index_path)
+    tensors = {}
+    metadatas: list[dict[str, str]] = []
+    files: list[str] = []
+    unindexed: dict[str, tuple[str, ...]] = {}
+    for fn in index.filenames:
+        shard = os.path.join(directory, fn)
+        expected = [n for n, f in index.weight_map.items() if f == fn]
+        real = check_link(directory, fn, roots, index_path)
+        try:
+            fd = handles.open(shard, real)
+        except (FileNotFoundError, IsADirectoryError):
+            raise ShardIndexError(
+                f"{index_path}: shard {fn!r} (holding {len(expected)} tensor(s), e.g. {expected[0]!r}) is missing "
+                f"from {directory or '.'}; the download or copy is incomplete"
+            ) from None
+        header = _header(fd, handles.sizes[shard], shard)
+        absent = [n for n in expected if n not in header.tensors]
+        if absent:
+            raise ShardIndexError(
+                f"{index_path}: the index puts {absent[:5]} in {fn!r}, but that shard does not contain "
+                f"{'them' if len(absent) > 1 else 'it'}; the index and the shards come from different saves"
+            )
+        extra = tuple(n for n in header.tensors if index.weight_map.get(n) != fn)
+        if extra:
+            unindexed[shard] = extra
+        files.append(shard)
+        metadatas.append(header.metadata or {})
+        for n in expected:
+            tensors[n] = (shard, header.data_start, header.tensors[n])
+    position = {f: i for i, f in enumerate(files)}
+    ordered = {n: tensors[n] for n in sorted(tensors, key=lambda n: (position[tensors[n][0]], tensors[n][2].begin))}
+    md = _user_metadata(metadatas[0]) if metadatas else {}
+    # huggingface_hub records the names it dropped in the index metadata rather than the shards
+    from_index = {k: v for k, v in index.metadata.items() if isinstance(v, str)}
+    aliases = _aliases([from_index, *metadatas], ordered)
+    if unindexed:
+        count = sum(map(len, unindexed.values()))
+        shard, names = next(iter(unindexed.items()))
+        log.warning(
+            "%s: %d tensor(s) stored in shards are not read from there by the index (e.g. %r in %s); "
+            "they are not loaded", index_path, count, names[0], os.path.basename(shard)
+        )
+    return Checkpoint(source, tuple(files), ordered, aliases, md, index, unindexed, handles)
+
+
+def open_checkpoint(path_or_directory: PathLike, *, trusted_roots: Iterable[PathLike] | None = None) -> Checkpoint:
+    """Open a checkpoint (a file, a directory, or an ``*.index.json`` path) as one snapshot.
+
+    Every header is parsed; every shard named by the index must exist inside the directory (see
+    the symlink policy above; ``trusted_roots`` lists more directories links may lead into) and
+    hold the tensors the index assigns to it.  If a writer re-saves the checkpoint meanwhile the
+    open starts again (``OPEN_ATTEMPTS`` times), so the result is always one whole checkpoint.
+
+    >>> with open_checkpoint("ckpt") as ckpt:
+    ...     len(ckpt.files), len(ckpt.keys())
+    (3, 291)
+    """
+    source = os.fspath(path_or_directory)
+    roots = trusted_roots_from(trusted_roots)
+    for attempt in range(OPEN_ATTEMPTS):
+        handles = _Handles()
+        try:
+            try:
+                anchor: _Anchor | None = _open_anchor(source, handles, roots)
+            except CheckpointNotFoundError:
+                raise
+            except FileNotFoundError:
+                # Resolved, then gone before we opened it: a writer switched the checkpoint
+                # between one file and shards.  A checkpoint that does not exist fails in _resolve.
+                anchor = None
+            if anchor is not None:
+                try:
+                    ckpt = _build(source, anchor, handles, roots)
+                except (OSError, TorchstError):
+                    if _unchanged(source, anchor):
+                        raise  # a real problem of the checkpoint, not a race with a writer
+                else:
+                    if _unchanged(source, anchor):
+                        handles.release_index()
+                        return ckpt
+        except BaseException:
+            handles.close()
+            raise
+        handles.close()
+        if attempt + 1 < OPEN_ATTEMPTS:
+            time.sleep(min(0.1, 0.002 * 2**attempt) * (0.5 + random.random()))
+    raise CheckpointChangedError(
+        f"{source}: the checkpoint changed {OPEN_ATTEMPTS} times while it was being opened; a writer is re-saving "
+        "it.  Retry when the writer pauses, or load a checkpoint the writer no longer replaces"
+    )
+
+
+def _aliases(metadatas: list[dict[str, str]], tensors: Mapping[str, object]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for md in metadatas:
+        out.update(aliases_from_metadata(md, names=tensors))
+    for alias, kept in out.items():
+        if kept not in tensors:
+            raise ShardIndexError(f"alias {alias!r} refers to {kept!r}, which no file of the checkpoint stores")
+        if alias in tensors:
+            raise ShardIndexError(f"{alias!r} is recorded as an alias of {kept!r} but is also stored itself")
+    return dict(sorted(out.items()))
+
+
+def _user_metadata(md: Mapping[str, str]) -> dict[str, str]:
+    recorded = aliases_from_metadata(md)
+    return {k: v for k, v in md.items() if k != ALIASES_KEY and recorded.get(k) != v}
+
+
+def load_state_dict(
+    path_or_directory: PathLike,
+    *,
+    device: DeviceLike = "cpu",
+    device_map: DeviceMap | None = None,
+    dtype: torch.dtype | None = None,
+    backend: str = "mmap",
+    trusted_roots: Iterable[PathLike] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every tensor of a file, directory or index; aliases map to the same tensor object.
+
+    CPU loads in the stored dtype with ``backend="mmap"`` (the default) are zero-copy windows of
+    the mapped files; everything else is read into new memory on the target device (``device``,
+    or per name with ``device_map={prefix: device}``).  ``dtype`` casts floating tensors.  The
+    result is one whole checkpoint even while a writer re-saves it (see ``open_checkpoint``).
+
+    >>> sd = torchst.load_state_dict("ckpt", device="cpu", dtype=torch.bfloat16)
+    >>> sd["lm_head.weight"] is sd["embed.weight"]
+    True
+    """
+    with open_checkpoint(path_or_directory, trusted_roots=trusted_roots) as ckpt:
+        return ckpt.load(device=device, device_map=device_map, dtype=dtype, backend=backend)
