@@ -196,8 +196,12 @@ def test_second_writer_in_another_process_is_refused(tmp_path: Path) -> None:
 
 def test_second_writer_in_the_same_process_is_refused_until_close(tmp_path: Path) -> None:
     mgr = CheckpointManager(tmp_path)
-    with pytest.raises(CheckpointLockedError, match="another CheckpointManager is writing"):
-        CheckpointManager(tmp_path)
+    with pytest.raises(CheckpointLockedError) as info:
+        CheckpointManager(tmp_path / ".")  # the same directory by another spelling
+    msg = str(info.value)
+    assert f"this process (pid {os.getpid()}) already has a CheckpointManager writing to this directory" in msg
+    assert f"(opened at {__file__}:" in msg and "close() it before opening another one" in msg
+    assert "another process" not in msg and "read_only=True" in msg
     reader = CheckpointManager(tmp_path, read_only=True)  # readers need no lock
     mgr.save(1, {"x": 1})
     assert reader.steps() == [1]

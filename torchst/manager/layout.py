@@ -22,6 +22,7 @@ half-deleted step that looks committed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -49,6 +50,7 @@ __all__ = [
 MANIFEST = "manifest.json"
 FORMAT = "torchst.checkpoint"
 VERSION = 1
+logger = logging.getLogger(__name__)
 _STEP = re.compile(r"^step_(\d+)$")
 _LEFTOVER = re.compile(r"^\.(tmp|trash|replaced)-step_(\d+)-[0-9a-f]+$")
 
@@ -159,9 +161,14 @@ def cleanup(directory: str) -> list[str]:
         final = step_dir(directory, int(m.group(2)))
         if m.group(1) == "replaced" and not os.path.lexists(final) and os.path.isfile(os.path.join(path, MANIFEST)):
             os.rename(path, final)  # the new copy never committed: the old one is still the step
+            logger.warning(
+                "%s: step %s was being re-saved when a writer stopped; kept its previous copy", directory, m.group(2)
+            )
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(name)
+        what = {"tmp": "an interrupted save", "trash": "an interrupted delete", "replaced": "a replaced copy"}
+        logger.info("%s: removed %s left by a stopped writer: %s", directory, what[m.group(1)], name)
     # Step directories without a manifest cannot be produced by commit(); leave them alone
     # (they are not ours to delete) but they stay invisible to steps().
     fsync_dir(directory)

@@ -36,6 +36,18 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_in_child)
 
 
+def _held_here(fd: int) -> str | None:
+    # flock conflicts between two descriptors of one process too, so without this check a
+    # second manager would be told that "another process" with our own pid holds the lock.
+    st = os.fstat(fd)
+    for lock in list(_HELD):
+        if lock._fd is not None:
+            other = os.fstat(lock._fd)
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                return f" ({lock.owner})" if lock.owner else ""
+    return None
+
+
 class DirectoryLock:
     """Hold the writer lock of ``directory`` until ``release()`` (or process exit).
 
@@ -49,6 +61,15 @@ class DirectoryLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot create the writer lock file ({e.strerror})") from e
+        mine = _held_here(fd)
+        if mine is not None:
+            os.close(fd)
+            raise CheckpointLockedError(
+                f"{directory}: this process (pid {os.getpid()}) already has a CheckpointManager writing to this "
+                f"directory{mine}; use that manager, or close() it before opening another one "
+                "(`with CheckpointManager(...) as mgr:` closes it at the end of the block), or open this one "
+                "with read_only=True to only restore"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -62,6 +83,8 @@ class DirectoryLock:
                 ) from None
             raise CheckpointError(f"{self.path}: cannot lock ({e.strerror})") from e
         self._fd: int | None = fd
+        self.directory = directory
+        self.owner = ""  # what holds the lock, for the message a second opener gets
         _HELD.add(self)
         info = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
         os.ftruncate(fd, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import sys
@@ -21,13 +22,33 @@ from ..state import STATE_FILE, decode_state, encode_state, restore_state
 from ..state.tree import Json, TensorTable, TreeDecoder, TreeEncoder
 from .layout import cleanup, committed_steps, read_manifest, remove_step, step_dir
 from .lock import DirectoryLock
-from .retention import AnyOf, KeepLast, RetentionPolicy, StepInfo
+from .retention import DEFAULT_KEEP_LAST, RetentionPolicy, StepInfo, check_metrics, resolve_retention
 from .snapshot import HostArena
 from .writer import describe_os_error, plan_files, write_step
 
 __all__ = ["CheckpointManager"]
 
 _LIVE: weakref.WeakSet[CheckpointManager] = weakref.WeakSet()
+logger = logging.getLogger(__name__)
+
+
+def _caller() -> str:
+    """Where user code created the manager, for the message a second manager gets."""
+    try:
+        frame = sys._getframe(2)
+    except ValueError:
+        return ""
+    return f"opened at {frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+class _DefaultKeepLast(int):
+    """The default ``keep_last``: an int that ``keep=`` may override (an explicit 3 adds to it)."""
+
+    def __repr__(self) -> str:
+        return str(int(self))
+
+
+_DEFAULT_KEEP_LAST = _DefaultKeepLast(DEFAULT_KEEP_LAST)
 
 
 @dataclass(frozen=True)
@@ -39,12 +60,25 @@ class _Job:
 @atexit.register
 def _finish_pending_saves() -> None:
     # Worker threads are non-daemon, so the interpreter has already joined them; what is left
-    # is to report a failure nobody collected, instead of exiting as if the save succeeded.
+    # is a failure nobody collected.  atexit cannot change the exit status, so the process
+    # ends here with status 1: a scheduler must not see success when the last checkpoint is
+    # missing.  Scripts that end with close() (or a with-block) get the error raised instead.
+    failed = False
     for mgr in list(_LIVE):
         try:
             mgr.wait()
         except CheckpointError as e:
-            print(f"torchst: an asynchronous checkpoint save failed: {e}", file=sys.stderr)
+            failed = True
+            logger.error("an asynchronous checkpoint save failed and was never collected: %s", e)
+    if failed:
+        logger.error("exiting with status 1; end training scripts with mgr.close() to get this error raised")
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+        os._exit(1)
 
 
 class CheckpointManager:
@@ -55,33 +89,34 @@ class CheckpointManager:
     modules, optimizers, schedulers, any object with ``state_dict()``/``load_state_dict()``,
     and plain values nested freely; nothing is pickled.  RNG state is saved and restored too.
 
-    ``keep_last`` keeps the newest N steps (None: all); ``keep`` adds a policy such as
-    ``KeepEvery(1000) | KeepBest(3, "val_loss")`` (a step survives if any policy keeps it; the
-    newest always survives).  ``async_save`` makes ``save()`` return after a host snapshot.
+    Retention: ``keep_last`` keeps the newest N steps (default 3; None: all).  ``keep`` takes a
+    policy such as ``KeepLast(2)`` or ``KeepEvery(1000) | KeepBest(3, "val_loss")`` and then
+    replaces the default; ``keep_last=N`` passed explicitly next to it adds ``KeepLast(N)``
+    (a step survives if any policy keeps it; the newest always survives).  ``KeepBest`` ranks
+    the ``metrics`` given to ``save()``: metrics lacking its metric are refused there.  ``async_save`` makes ``save()`` return after a host snapshot.
     A writer holds ``directory/.lock``; ``read_only=True`` only lists and restores, lock-free.
 
-    >>> mgr = torchst.CheckpointManager("ckpt", keep_last=3, async_save=True)
-    >>> mgr.save(100, {"model": model, "optim": opt, "sched": sched, "epoch": 2})
-    >>> step = mgr.restore({"model": model, "optim": opt, "sched": sched})  # latest step
+    ``restore`` checks every key, shape and dtype before it writes anything: on a mismatch it
+    raises ``CheckpointError`` and every object is left as it was.  Close the manager (or use
+    ``with``) so that a failed final async save is raised, not lost.
+
+    >>> with torchst.CheckpointManager("ckpt", keep_last=3, async_save=True) as mgr:
+    ...     step = mgr.restore({"model": model, "optim": opt, "sched": sched})  # latest step
+    ...     mgr.save(100, {"model": model, "optim": opt, "sched": sched, "epoch": 2})
     """
 
     def __init__(
         self,
         directory: str | os.PathLike[str],
         *,
-        keep_last: int | None = 3,
+        keep_last: int | None = _DEFAULT_KEEP_LAST,
         keep: RetentionPolicy | None = None,
         async_save: bool = False,
         save_rng: bool = True,
         read_only: bool = False,
     ) -> None:
         self.directory = os.path.abspath(os.fspath(directory))
-        policies: list[RetentionPolicy] = [] if keep_last is None else [KeepLast(keep_last)]
-        if keep is not None:
-            if not isinstance(keep, RetentionPolicy):
-                raise TypeError(f"keep must be a retention policy such as KeepEvery(1000), found {keep!r}")
-            policies.append(keep)
-        self.retention: RetentionPolicy | None = AnyOf(*policies) if policies else None
+        self.retention = resolve_retention(keep_last, keep, keep_last_given=keep_last is not _DEFAULT_KEEP_LAST)
         self.async_save = async_save
         self.save_rng = save_rng
         self.read_only = read_only
@@ -90,6 +125,7 @@ class CheckpointManager:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._metrics: dict[int, Mapping[str, Any]] = {}
+        self._unranked: set[str] = set()
         if read_only:
             if not os.path.isdir(self.directory):
                 raise CheckpointNotFoundError(f"{self.directory}: checkpoint directory does not exist")
@@ -99,6 +135,7 @@ class CheckpointManager:
         except OSError as e:
             raise CheckpointError(f"{self.directory}: cannot create the checkpoint directory: {describe_os_error(e)}")
         self._lock = DirectoryLock(self.directory)
+        self._lock.owner = _caller()
         cleanup(self.directory)  # leftovers of a crashed writer; safe now that we hold the lock
         _LIVE.add(self)
 
@@ -146,6 +183,16 @@ class CheckpointManager:
                 f"nothing was saved for step {step}. Recreate it or point the manager elsewhere"
             )
         metrics_tree = self._encode_metrics(metrics)
+        for name in check_metrics(self.retention, step, metrics):
+            if name not in self._unranked:
+                self._unranked.add(name)
+                logger.warning(
+                    "%s: step %d was saved without metrics, so KeepBest cannot rank it by %r; such steps are "
+                    "kept only by the other retention policies (this is said once per metric)",
+                    self.directory,
+                    step,
+                    name,
+                )
         enc = encode_state(state, rng=self.save_rng)
         plans = plan_files(enc.files)  # bad dtypes, meta tensors... are raised here, not in the background
         if self.async_save:
@@ -180,8 +227,14 @@ class CheckpointManager:
     def _background(self, step: int, job: _Job, metrics_tree: Json, metrics: dict[str, Any]) -> None:
         try:
             self._write(step, job, metrics_tree, metrics)
-        except BaseException as e:  # noqa: BLE001 - handed to the next save()/wait(), which raise it
+        except BaseException as e:  # noqa: BLE001 - handed to the next save()/wait()/close(), which raise it
             self._error = e
+            logger.error(
+                "%s: the asynchronous save of step %d failed (raised by the next save(), wait() or close()): %s",
+                self.directory,
+                step,
+                e,
+            )
 
     def _write(self, step: int, job: _Job, metrics_tree: Json, metrics: dict[str, Any]) -> None:
         earlier = self.steps()
@@ -214,6 +267,7 @@ class CheckpointManager:
             if s not in keep:
                 try:
                     remove_step(self.directory, s)
+                    logger.info("%s: deleted step %d (retention: %r)", self.directory, s, self.retention)
                 except OSError as e:
                     raise CheckpointError(
                         f"{self.directory}: step {s} could not be deleted by the retention policy: "
@@ -298,7 +352,13 @@ class CheckpointManager:
         manifest = self._manifest(step)
         where = f"{step_dir(self.directory, step)}"
         restore_state(
-            state, manifest["tree"], self._reader(step, manifest), rng=restore_rng, device=device, where=where
+            state,
+            manifest["tree"],
+            self._reader(step, manifest),
+            rng=restore_rng,
+            device=device,
+            where=where,
+            step=step,
         )
         return step
 
@@ -313,7 +373,15 @@ class CheckpointManager:
 
     # -- lifetime -----------------------------------------------------------------------
     def close(self) -> None:
-        """Finish the save in flight and release the directory lock."""
+        """Finish the save in flight, raise its failure if it failed, and release the directory lock.
+
+        End every training script with ``close()`` (or use the manager as a context manager):
+        a failed final async save is then raised where the script can see it.  A script that
+        exits without it still ends with status 1 and the error in the ``torchst`` log.
+
+        >>> with torchst.CheckpointManager("ckpt", async_save=True) as mgr:
+        ...     mgr.save(100, state)   # the with-block waits for it and raises if it failed
+        """
         try:
             if self._lock is not None:
                 self.wait()

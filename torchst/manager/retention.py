@@ -10,12 +10,28 @@ committed steps are ever considered.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["AnyOf", "KeepBest", "KeepEvery", "KeepLast", "RetentionPolicy", "StepInfo"]
+from ..errors import SerializationError
+
+__all__ = [
+    "DEFAULT_KEEP_LAST",
+    "AnyOf",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLast",
+    "RetentionPolicy",
+    "StepInfo",
+    "check_metrics",
+    "resolve_retention",
+]
+
+logger = logging.getLogger(__name__)
+DEFAULT_KEEP_LAST = 3
 
 
 @dataclass(frozen=True)
@@ -137,3 +153,65 @@ class AnyOf(RetentionPolicy):
 
     def __hash__(self) -> int:
         return hash(self.policies)
+
+
+def resolve_retention(
+    keep_last: int | None, keep: RetentionPolicy | None, *, keep_last_given: bool
+) -> RetentionPolicy | None:
+    """The policy a manager applies: ``keep`` alone, ``KeepLast(keep_last)``, or both.
+
+    The default ``keep_last`` only applies when no ``keep`` policy is given; an explicit
+    ``keep_last=N`` next to ``keep=P`` means ``KeepLast(N) | P`` (as Orbax combines
+    ``max_to_keep`` with ``keep_period``).  None means no deletion at all.
+
+    >>> resolve_retention(3, KeepLast(2), keep_last_given=False)
+    KeepLast(n=2)
+    """
+    if keep is not None and not isinstance(keep, RetentionPolicy):
+        raise TypeError(f"keep must be a retention policy such as KeepEvery(1000), found {keep!r}")
+    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int)):
+        raise TypeError(f"keep_last must be an int >= 1 or None, found {keep_last!r}")
+    if keep is not None and not keep_last_given:
+        return keep
+    last = None if keep_last is None else KeepLast(keep_last)
+    if last is None:
+        return keep
+    return last if keep is None else AnyOf(last, *_parts(keep))
+
+
+def _ranked(policy: RetentionPolicy | None) -> list[KeepBest]:
+    if isinstance(policy, KeepBest):
+        return [policy]
+    if isinstance(policy, AnyOf):
+        return [p for part in policy.policies for p in _ranked(part)]
+    return []
+
+
+def check_metrics(policy: RetentionPolicy | None, step: int, metrics: Mapping[str, Any] | None) -> list[str]:
+    """Refuse metrics that a ``KeepBest`` of ``policy`` cannot rank; return the metrics absent.
+
+    A step saved with ``metrics`` that lack a ranked metric is a mistake (a typo such as
+    ``"val loss"``), and raises before anything is written.  A step saved without any
+    metrics cannot be ranked: the caller logs that it is kept only by the other policies.
+
+    >>> check_metrics(KeepBest(2, "val_loss"), 10, {"val_loss": 0.3})
+    []
+    """
+    absent = []
+    for best in _ranked(policy):
+        if not metrics:
+            absent.append(best.metric)
+            continue
+        if best.metric not in metrics:
+            raise SerializationError(
+                f"step {step}: metrics {sorted(metrics)} have no {best.metric!r}, which {best!r} ranks steps by; "
+                f"report it (metrics={{{best.metric!r}: value, ...}}), fix the name, or pass metrics=None on "
+                "steps that were not evaluated (they are then kept only by the other policies)"
+            )
+        v = metrics[best.metric]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise SerializationError(
+                f"step {step}: metric {best.metric!r} is {v!r} ({type(v).__name__}); {best!r} needs a number "
+                "(use .item() for a tensor)"
+            )
+    return absent

@@ -10,13 +10,14 @@
 - anything else with ``state_dict()``/``load_state_dict()``: its state dict, as a tree.
 - plain values: the tree; their tensors go to one shared ``state.safetensors``.
 
-``restore_state`` walks the caller's objects next to the tree and loads each in place.
+``restore_state`` (``restore.py``) walks the caller's objects next to the tree and loads each
+in place, after checking all of them.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,11 +25,11 @@ import torch
 
 from ..dedup import alias_metadata, aliases_from_metadata, deduplicate, expand_aliases
 from ..errors import CheckpointError, SerializationError
-from .optim import load_named_optimizer_state, named_optimizer_state, parameter_names
-from .rng import capture_rng, restore_rng
-from .tree import Json, PathItem, TensorTable, TreeDecoder, TreeEncoder, format_path
+from .optim import named_optimizer_state, parameter_names
+from .rng import capture_rng
+from .tree import Json, PathItem, TensorTable, TreeDecoder, TreeEncoder
 
-__all__ = ["STATE_FILE", "EncodedState", "FileSpec", "decode_state", "encode_state", "is_stateful", "restore_state"]
+__all__ = ["MODEL_FILE", "STATE_FILE", "EncodedState", "FileReader", "FileSpec", "decode_state", "encode_state", "is_stateful"]
 
 STATE_FILE = "state.safetensors"
 MODEL_FILE = "model.safetensors"
@@ -202,115 +203,6 @@ class _StateDecoder(TreeDecoder):
         if tag in ("$optimizer", "$stateful", "$generator"):
             return self.decode(node[tag], path)
         return super().decode_tag(tag, node, path)
-
-
-def _load_into(target: Any, node: Json, dec: _StateDecoder, path: tuple[PathItem, ...]) -> Any:
-    """Restore ``node`` into ``target`` in place where possible; return the value to keep."""
-    tag = next(iter(node), "") if isinstance(node, dict) and len(node) else ""
-    where = f"{dec.where}: {format_path(path)}"
-    if isinstance(target, torch.nn.Module):
-        if tag != "$module":
-            raise CheckpointError(f"{where} is an nn.Module here but the checkpoint holds {_kind(node)} there")
-        assert isinstance(node, dict)
-        target.load_state_dict(dec.module_state(node, path))  # user hooks run as usual
-        return target
-    if isinstance(target, torch.optim.Optimizer):
-        if tag != "$optimizer":
-            raise CheckpointError(f"{where} is an optimizer here but the checkpoint holds {_kind(node)} there")
-        assert isinstance(node, dict)
-        saved = dec.decode(node["$optimizer"], path)
-        load_named_optimizer_state(target, saved, dec.names, where=where)
-        return target
-    if isinstance(target, torch.Generator):
-        if tag != "$generator":
-            raise CheckpointError(f"{where} is a torch.Generator here but the checkpoint holds {_kind(node)} there")
-        assert isinstance(node, dict)
-        target.set_state(dec.decode(node["$generator"], path).cpu())
-        return target
-    if is_stateful(target):
-        if tag != "$stateful":
-            raise CheckpointError(
-                f"{where} is a {type(target).__name__} here but the checkpoint holds {_kind(node)} there"
-            )
-        assert isinstance(node, dict)
-        target.load_state_dict(dec.decode(node["$stateful"], path))
-        return target
-    if isinstance(target, MutableMapping) and isinstance(node, dict) and not tag.startswith("$"):
-        for k, v in node.items():
-            target[k] = _load_into(target[k], v, dec, path + (k,)) if k in target else dec.decode(v)
-        return target
-    if isinstance(target, list) and isinstance(node, list) and len(target) == len(node):
-        target[:] = [_load_into(t, v, dec, path + (i,)) for i, (t, v) in enumerate(zip(target, node))]
-        return target
-    if isinstance(target, tuple) and tag == "$tuple" and isinstance(node, dict):
-        body = node["$tuple"]
-        if isinstance(body, list) and len(body) == len(target) and not hasattr(target, "_fields"):
-            return tuple(_load_into(t, v, dec, path + (i,)) for i, (t, v) in enumerate(zip(target, body)))
-    value = dec.decode(node, path)
-    same = isinstance(target, torch.Tensor) and isinstance(value, torch.Tensor) and target.shape == value.shape
-    if same and target.dtype == value.dtype:
-        with torch.no_grad():
-            target.copy_(value)  # keeps the caller's tensor object (and anything aliasing it)
-        return target
-    return value
-
-
-def _kind(node: Json) -> str:
-    if isinstance(node, dict) and node:
-        tag = next(iter(node))
-        names = {
-            "$module": "a module",
-            "$optimizer": "an optimizer",
-            "$stateful": "a Stateful object",
-            "$generator": "a generator",
-        }
-        if tag in names:
-            return names[tag]
-    return "a plain value"
-
-
-def _contains_stateful(value: Any) -> bool:
-    if is_stateful(value) or isinstance(value, torch.Generator):
-        return True
-    if isinstance(value, Mapping):
-        return any(_contains_stateful(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_contains_stateful(v) for v in value)
-    return False
-
-
-def restore_state(
-    state: MutableMapping[str, Any],
-    tree: Mapping[str, Json],
-    files: FileReader,
-    *,
-    rng: bool = True,
-    device: str | torch.device | None = None,
-    where: str = "checkpoint",
-) -> None:
-    """Load a tree from ``encode_state`` into the caller's objects, in place.
-
-    Stateful objects are loaded with their own ``load_state_dict``; plain values in ``state``
-    are replaced.  Keys of the checkpoint that ``state`` does not name are left out.
-
-    >>> restore_state({"model": fresh_model, "optim": fresh_opt}, enc.tree, reader)
-    """
-    saved = tree.get("state")
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{where}: the manifest has no 'state' tree")
-    dec = _StateDecoder(files, device, where, parameter_names(_modules(state)))
-    missing = [k for k in state if k not in saved and _contains_stateful(state[k])]
-    if missing:
-        raise CheckpointError(
-            f"{where} has no entry for {missing} (it has {sorted(saved)}); "
-            "restore with a state dict whose keys match the ones used when saving"
-        )
-    for key in state:
-        if key in saved:
-            state[key] = _load_into(state[key], saved[key], dec, (key,))
-    rng_tree = tree.get("rng")
-    if rng and rng_tree is not None:
-        restore_rng(dec.decode(rng_tree, ("<rng>",)), where=f"{where}: RNG state")
 
 
 def decode_state(tree: Mapping[str, Json], files: FileReader, *, where: str = "checkpoint") -> dict[str, Any]:

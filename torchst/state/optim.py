@@ -16,7 +16,7 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["load_named_optimizer_state", "named_optimizer_state", "parameter_names"]
+__all__ = ["load_named_optimizer_state", "named_optimizer_state", "parameter_names", "prepare_named_optimizer_state"]
 
 
 def parameter_names(modules: Iterable[tuple[str, torch.nn.Module]]) -> dict[int, str]:
@@ -61,21 +61,28 @@ def named_optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[int, 
     return {"state": state, "param_groups": groups}
 
 
-def load_named_optimizer_state(
+def prepare_named_optimizer_state(
     optimizer: torch.optim.Optimizer, saved: Mapping[str, Any], names: Mapping[int, str], *, where: str = "optimizer"
-) -> None:
-    """Load a ``named_optimizer_state`` dict into ``optimizer``, matching parameters by name.
+) -> dict[str, Any]:
+    """Check a ``named_optimizer_state`` dict against ``optimizer``; return what its ``load_state_dict`` takes.
 
-    Works when the optimizer has not stepped yet and when param groups were reordered; the
-    hyperparameters of each group come from the saved group that held the same parameters.
+    Raises ``CheckpointError`` without touching the optimizer when parameters or groups do
+    not match, so a caller can check everything before it loads anything.
 
-    >>> load_named_optimizer_state(fresh_opt, sd, parameter_names([("", fresh_model)]))
+    >>> sd = prepare_named_optimizer_state(fresh_opt, saved, parameter_names([("", fresh_model)]))
+    >>> fresh_opt.load_state_dict(sd)
     """
     if not isinstance(saved, Mapping) or "param_groups" not in saved or "state" not in saved:
         raise CheckpointError(f"{where}: the saved entry is not an optimizer state (no 'state'/'param_groups')")
+    saved_groups = saved["param_groups"]
+    saved_state = saved["state"]
+    if not isinstance(saved_groups, list) or not isinstance(saved_state, Mapping):
+        raise CheckpointError(f"{where}: the saved optimizer state is malformed (param_groups/state)")
     ordered = _names(optimizer, names)
     group_of: dict[str, int] = {}
-    for gi, g in enumerate(saved["param_groups"]):
+    for gi, g in enumerate(saved_groups):
+        if not isinstance(g, Mapping) or not isinstance(g.get("params"), list):
+            raise CheckpointError(f"{where}: saved param group {gi} is malformed (no 'params' list)")
         for n in g["params"]:
             group_of[n] = gi
     missing = [n for n in ordered if n not in group_of]
@@ -94,16 +101,32 @@ def load_named_optimizer_state(
         ids = list(range(k, k + len(members)))
         k += len(members)
         sources = sorted({group_of[n] for n in members})
-        if len(sources) != 1 or len(saved["param_groups"][sources[0]]["params"]) != len(members):
+        if len(sources) != 1 or len(saved_groups[sources[0]]["params"]) != len(members):
             raise CheckpointError(
                 f"{where}: param group {gi} holds {members[:4]}{' ...' if len(members) > 4 else ''}, which "
                 "were not one group when saved; keep the same grouping (the order of groups may change)"
             )
-        src = saved["param_groups"][sources[0]]
+        src = saved_groups[sources[0]]
         new = {key: v for key, v in src.items() if key not in ("params", "param_names")}
         new["params"] = ids
         if "param_names" in g:
             new["param_names"] = list(g["param_names"])
         groups.append(new)
-    state = {i: saved["state"][n] for i, n in enumerate(ordered) if n in saved["state"]}
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    # Moments are not shape-checked here: they belong to parameters whose shapes the module
+    # check of the same restore compares (and some optimizers keep factored, other-shaped state).
+    state = {i: saved_state[n] for i, n in enumerate(ordered) if n in saved_state}
+    return {"state": state, "param_groups": groups}
+
+
+def load_named_optimizer_state(
+    optimizer: torch.optim.Optimizer, saved: Mapping[str, Any], names: Mapping[int, str], *, where: str = "optimizer"
+) -> None:
+    """Load a ``named_optimizer_state`` dict into ``optimizer``, matching parameters by name.
+
+    Works when the optimizer has not stepped yet and when param groups were reordered; the
+    hyperparameters of each group come from the saved group that held the same parameters.
+    Nothing is loaded when the check fails.
+
+    >>> load_named_optimizer_state(fresh_opt, sd, parameter_names([("", fresh_model)]))
+    """
+    optimizer.load_state_dict(prepare_named_optimizer_state(optimizer, saved, names, where=where))

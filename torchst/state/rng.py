@@ -15,7 +15,7 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["capture_rng", "restore_rng"]
+__all__ = ["capture_rng", "check_rng", "restore_rng"]
 
 
 def _numpy() -> Any:
@@ -51,13 +51,31 @@ def capture_rng() -> dict[str, Any]:
     return state
 
 
+def check_rng(state: Any, *, where: str = "rng") -> None:
+    """Raise ``CheckpointError`` if ``restore_rng(state)`` could not restore every generator.
+
+    >>> check_rng(capture_rng())
+    """
+    if not isinstance(state, dict) or not isinstance(state.get("torch"), torch.Tensor):
+        raise CheckpointError(f"{where}: the saved entry is not an RNG state (no 'torch' key)")
+    cuda = state.get("cuda")
+    if cuda and (not torch.cuda.is_available() or torch.cuda.device_count() < len(cuda)):
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise CheckpointError(
+            f"{where}: the checkpoint holds RNG state for {len(cuda)} CUDA device(s) but {have} are visible; "
+            "restore with restore_rng=False to skip RNG state"
+        )
+    py = state.get("python")
+    if py is not None and not (isinstance(py, tuple) and len(py) == 3):
+        raise CheckpointError(f"{where}: the saved Python RNG state is malformed")
+
+
 def restore_rng(state: Any, *, where: str = "rng") -> None:
     """Set every global generator recorded in ``state`` (from ``capture_rng``).
 
     >>> restore_rng(capture_rng())
     """
-    if not isinstance(state, dict) or "torch" not in state:
-        raise CheckpointError(f"{where}: the saved entry is not an RNG state (no 'torch' key)")
+    check_rng(state, where=where)
     torch.set_rng_state(state["torch"].cpu())
     py = state.get("python")
     if py is not None:
@@ -65,12 +83,6 @@ def restore_rng(state: Any, *, where: str = "rng") -> None:
         random.setstate((version, tuple(internal), gauss))
     cuda = state.get("cuda")
     if cuda:
-        if not torch.cuda.is_available() or torch.cuda.device_count() < len(cuda):
-            have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            raise CheckpointError(
-                f"{where}: the checkpoint holds RNG state for {len(cuda)} CUDA device(s) but {have} are visible; "
-                "restore with restore_rng=False to skip RNG state"
-            )
         torch.cuda.set_rng_state_all([t.cpu() for t in cuda])
     np_state = state.get("numpy")
     np = _numpy() if np_state is not None else None
