@@ -10,8 +10,8 @@ import torch
 
 import torchst
 from torchst.errors import FileSizeError
-from torchst.format import _buffers
-from torchst.format._buffers import anon_buffer, read_scatter
+from torchst.storage import buffers as _buffers
+from torchst.storage.buffers import anon_buffer, read_scatter
 
 
 def _payload(tmp_path: Path, n: int) -> tuple[Path, bytes]:

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from .errors import DeviceMapError
-from .format._buffers import io_pool, pread_into, tensor_bytes
 from .format.reader import DeviceLike, normalize_device
+from .storage.buffers import io_pool, pread_into, tensor_bytes
 
 __all__ = [
     "BUFFER_BYTES",

@@ -24,6 +24,7 @@ __all__ = [
     "TensorNotFoundError",
     "TorchstError",
     "UnsupportedDtypeError",
+    "WriteError",
 ]
 
 
@@ -92,3 +93,19 @@ class CheckpointLockedError(CheckpointError):
 
 class CheckpointNotFoundError(TorchstError, FileNotFoundError):
     """The requested checkpoint, step or file does not exist."""
+
+
+class WriteError(TorchstError, OSError):
+    """Writing a file failed (disk full, permission denied, read-only filesystem, I/O error).
+
+    ``errno`` is the operating system's code and ``filename`` the path the caller asked for
+    (never a hidden temporary name); the message says what to do about it.
+
+    >>> import errno
+    >>> e = WriteError(errno.ENOSPC, "m.safetensors: no space left on device", "m.safetensors")
+    >>> isinstance(e, OSError), e.errno == errno.ENOSPC, e.filename, str(e)
+    (True, True, 'm.safetensors', 'm.safetensors: no space left on device')
+    """
+
+    def __str__(self) -> str:  # OSError would prefix "[Errno N]" and append the filename again
+        return str(self.strerror) if self.strerror is not None else super().__str__()

@@ -25,7 +25,7 @@ import torch
 
 from .._dtypes import DTYPES, DType, from_code
 from ..errors import DeviceMapError, FormatError, TensorNotFoundError, UnsupportedDtypeError
-from ._buffers import anon_buffer, pread_parallel, read_scatter, tensor_bytes
+from ..storage.buffers import anon_buffer, pread_parallel, read_scatter, tensor_bytes
 from .header import Header, TensorInfo, parse_header, read_header_length
 
 __all__ = ["BACKENDS", "SafeFile", "SafeSlice", "load", "load_file", "normalize_device", "safe_open"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -17,8 +17,8 @@ import torch
 
 from .._dtypes import DType, from_torch
 from ..errors import SerializationError, SharedTensorError
-from ..storage.atomic import atomic_write
-from ._buffers import tensor_bytes, write_all, writev_all
+from ..storage.atomic import OutputFile, open_output
+from ..storage.buffers import tensor_bytes, write_all, writev_all
 from .header import METADATA_KEY, build_header, encode_prefix
 
 __all__ = [
@@ -154,35 +154,36 @@ def plan_write(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] 
     return WritePlan(encode_prefix(header) + header, tuple((n, tensors[n]) for n in names))
 
 
-def write_tensors(f: BinaryIO, plan: WritePlan, *, staging_bytes: int = STAGING_BYTES, stage_all: bool = False) -> None:
+def write_tensors(
+    f: BinaryIO | OutputFile,
+    plan: WritePlan,
+    *,
+    staging_bytes: int = STAGING_BYTES,
+    stage_all: bool = False,
+    on_bytes: Callable[[int], object] | None = None,
+) -> None:
     """Stream a planned file into ``f``: CPU memory directly, accelerator memory via one buffer.
 
-    ``stage_all`` sends CPU tensors through the staging buffer too (tests the device path on CPU).
+    ``f`` is an ``OutputFile`` from ``torchst.storage.open_output`` (the library's own saves), a
+    regular binary file, or anything with ``write``.  ``on_bytes(n)`` is called as bytes go out
+    (progress bars).  ``stage_all`` sends CPU tensors through the staging buffer too (tests the
+    device path on CPU).
     """
-    f.write(plan.header)
-    fd = _direct_fd(f)
-    if fd is not None:
-        f.flush()
-    # With a real file descriptor, CPU tensors go to the kernel as writev batches of views of
-    # their own memory.  Through io.BufferedWriter.write, every tensor up to the buffer size
-    # (8 MiB) would first be memcpy'd into the buffer: an extra copy of most of a model.
+    sink = _Sink(f)
+    sink.write(memoryview(plan.header))
+    report = on_bytes if on_bytes is not None else _ignore
+    report(len(plan.header))
+    # CPU tensors go out as writev batches of views of their own memory.  Through
+    # io.BufferedWriter.write, every tensor up to the buffer size would first be memcpy'd into
+    # the buffer: an extra copy of most of a model.
     batch: list[memoryview] = []
     batch_bytes = 0
 
-    def put(view: memoryview) -> None:
-        nonlocal batch_bytes
-        if fd is None:
-            f.write(view)
-            return
-        batch.append(view)
-        batch_bytes += len(view)
-        if batch_bytes >= WRITEV_BYTES or len(batch) >= 512:
-            drain()
-
     def drain() -> None:
         nonlocal batch_bytes
-        if fd is not None and batch:
-            writev_all(fd, batch)
+        if batch:
+            sink.writev(batch)
+            report(batch_bytes)
             batch.clear()
             batch_bytes = 0
 
@@ -192,7 +193,10 @@ def write_tensors(f: BinaryIO, plan: WritePlan, *, staging_bytes: int = STAGING_
         if nbytes == 0:
             continue
         if t.device.type == "cpu" and not stage_all:
-            put(tensor_bytes(t))  # zero-copy: the file write reads tensor memory directly
+            batch.append(tensor_bytes(t))  # zero-copy: the file write reads tensor memory directly
+            batch_bytes += nbytes
+            if batch_bytes >= WRITEV_BYTES or len(batch) >= 512:
+                drain()
             continue
         drain()
         if staging is None:
@@ -204,13 +208,54 @@ def write_tensors(f: BinaryIO, plan: WritePlan, *, staging_bytes: int = STAGING_
         for off in range(0, nbytes, staging.numel()):
             k = min(staging.numel(), nbytes - off)
             staging[:k].copy_(src[off : off + k])  # copy #1: device -> reused host buffer
-            if fd is None:
-                f.write(view[:k])
-            else:
-                write_all(fd, view[:k])
+            sink.write(view[:k])  # written before the buffer is refilled
+            report(k)
     drain()
-    if fd is not None:
-        f.seek(os.lseek(fd, 0, os.SEEK_CUR))  # resync the BufferedWriter's cached position
+    sink.finish()
+
+
+def _ignore(n: int) -> None:
+    pass
+
+
+class _Sink:
+    """Vectored writes into whatever ``write_tensors`` was given."""
+
+    write: Callable[[memoryview], object]
+    writev: Callable[[list[memoryview]], None]
+
+    def __init__(self, f: BinaryIO | OutputFile) -> None:
+        self.f = f
+        self.fd: int | None = None
+        if isinstance(f, OutputFile):
+            self.write, self.writev = f.write, f.writev
+            return
+        self.fd = _direct_fd(f)
+        if self.fd is not None:
+            self.write = self._write_fd
+            self.writev = self._writev_fd
+            return
+        self.write = f.write
+        self.writev = self._writev_plain
+
+    def _write_fd(self, view: memoryview) -> int:
+        assert self.fd is not None
+        self.f.flush()  # whatever the caller buffered goes first
+        write_all(self.fd, view)
+        return len(view)
+
+    def _writev_fd(self, views: list[memoryview]) -> None:
+        assert self.fd is not None
+        self.f.flush()
+        writev_all(self.fd, views)
+
+    def _writev_plain(self, views: list[memoryview]) -> None:
+        for v in views:
+            self.f.write(v)
+
+    def finish(self) -> None:
+        if self.fd is not None and not isinstance(self.f, OutputFile):
+            self.f.seek(os.lseek(self.fd, 0, os.SEEK_CUR))  # resync the BufferedWriter's cached position
 
 
 def _direct_fd(f: BinaryIO) -> int | None:
@@ -236,7 +281,7 @@ def save_file(
     >>> torchst.save_file({"w": torch.ones(2, 2)}, "m.safetensors", metadata={"format": "pt"})
     """
     plan = plan_write(tensors, metadata)
-    with atomic_write(path, fsync=fsync) as f:
+    with open_output(path, size=plan.total_size, fsync=fsync) as f:
         write_tensors(f, plan)
 
 

@@ -30,8 +30,8 @@ import uuid
 from typing import Any
 
 from ..errors import CheckpointError, CheckpointNotFoundError
-from ..format._buffers import write_all
 from ..storage.atomic import fsync_dir
+from ..storage.buffers import write_all
 
 __all__ = [
     "FORMAT",

@@ -44,7 +44,7 @@ import torch
 from ..dedup import ALIASES_KEY, TiedKeys, alias_metadata, deduplicate
 from ..errors import SerializationError, ShardIndexError
 from ..format.writer import plan_write, write_tensors
-from ..storage.atomic import WRITE_BUFFER, atomic_write, fsync_dir, temp_path
+from ..storage.atomic import atomic_write, fsync_dir, open_output, temp_path
 from .checkpoint import Checkpoint, load_state_dict, open_checkpoint
 from .index import ShardIndex, index_filename, read_index
 from .plan import SINGLE_FILE, plan_shards
@@ -115,7 +115,7 @@ def save_state_dict(
     if path.endswith(".safetensors"):
         md = _file_metadata(metadata, dedup.aliases)
         plan = plan_write(tensors, md)
-        with atomic_write(path, fsync=fsync) as f:
+        with open_output(path, size=plan.total_size, fsync=fsync) as f:
             write_tensors(f, plan)
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         return SaveResult(os.path.dirname(path), (os.path.basename(path),), None, dedup.aliases, size)
@@ -147,12 +147,12 @@ def _save_directory(
         md = _file_metadata(metadata, {a: k for a, k in aliases.items() if k in kept})
         wplan = plan_write({n: tensors[n] for n in names}, md)
         tmp = os.path.join(directory, temps[fn])
-        with open(tmp, "xb", buffering=WRITE_BUFFER) as f:
-            written.append(tmp)  # list.append is atomic; cleanup below sees every temp file
+        written.append(tmp)  # list.append is atomic; cleanup below sees every temp file
+        # The shard is committed later under its final name, which is what errors report.
+        with open_output(
+            tmp, size=wplan.total_size, fsync=fsync, replace=False, shown_as=os.path.join(directory, fn)
+        ) as f:
             write_tensors(f, wplan)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
 
     try:
         # Shards are independent files: writing several at once lets the kernel copy into the

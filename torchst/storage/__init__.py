@@ -1,7 +1,7 @@
-"""Where bytes live: crash-safe file and directory commits."""
+"""Where bytes live: the one write path (create, write, fsync, commit) and raw file I/O."""
 
 from __future__ import annotations
 
-from .atomic import atomic_write, fsync_dir, temp_path
+from .atomic import OutputFile, atomic_write, describe_os_error, fsync_dir, open_output, temp_path, write_error
 
-__all__ = ["atomic_write", "fsync_dir", "temp_path"]
+__all__ = ["OutputFile", "atomic_write", "describe_os_error", "fsync_dir", "open_output", "temp_path", "write_error"]

@@ -1,4 +1,8 @@
-"""Zero-copy byte views of tensor memory and positional reads into them."""
+"""Raw file I/O: zero-copy byte views of tensor memory, positional reads, vectored writes, one I/O pool.
+
+The format, device and checkpoint layers all do their reads and writes through these few
+functions, so short reads, short writes and the kernel's per-call limits are handled once.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ _pool_lock = threading.Lock()
 
 
 def io_pool() -> ThreadPoolExecutor:
-    """A process-wide thread pool for parallel reads (os.preadv releases the GIL)."""
+    """A process-wide thread pool for parallel reads and writes (os.preadv/os.writev release the GIL)."""
     global _pool
     with _pool_lock:
         if _pool is None:
