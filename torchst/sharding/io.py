@@ -42,9 +42,9 @@ from typing import NamedTuple
 import torch
 
 from ..dedup import ALIASES_KEY, TiedKeys, alias_metadata, deduplicate
-from ..errors import SerializationError, ShardIndexError
+from ..errors import SerializationError, ShardIndexError, TorchstError
 from ..format.writer import plan_write, write_tensors
-from ..storage.atomic import atomic_write, fsync_dir, open_output, temp_path
+from ..storage.atomic import atomic_write, fsync_dir, open_output, temp_path, write_error
 from .checkpoint import Checkpoint, load_state_dict, open_checkpoint
 from .index import ShardIndex, index_filename, read_index
 from .plan import SINGLE_FILE, plan_shards
@@ -136,7 +136,10 @@ def _save_directory(
         )
     plan = plan_shards({n: t.numel() * t.element_size() for n, t in tensors.items()}, max_shard_size)
     _file_metadata(metadata, {})  # validate before creating anything
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise write_error(e, directory) from e
     old = _committed_files(directory)
     token = uuid.uuid4().hex[:12]
     temps = {fn: f".tmp-{token}-{fn}" for fn in plan.filenames}
@@ -163,10 +166,12 @@ def _save_directory(
         for fut in futures:
             fut.result()  # re-raises the first failure
         _commit(directory, plan.filenames, temps, plan.weight_map, plan.total_size, old, fsync)
-    except BaseException:
+    except BaseException as e:
         for tmp in written:
             if os.path.exists(tmp) and not _referenced(directory, os.path.basename(tmp)):
                 os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, TorchstError):
+            raise write_error(e, directory) from e  # a rename or link of the commit: name the directory
         raise
     keep = set(plan.filenames) | ({index_filename()} if plan.is_sharded else set())
     _cleanup(directory, keep, old)
