@@ -29,7 +29,10 @@ def train_state(model: torch.nn.Module, steps: int = 2) -> dict[str, Any]:
 
 
 def raw_bytes(model: torch.nn.Module) -> dict[str, bytes]:
-    return {k: v.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() for k, v in model.state_dict().items()}
+    return {
+        k: v.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+        for k, v in model.state_dict().items()
+    }
 
 
 def snapshot(state: dict[str, Any]) -> dict[str, Any]:

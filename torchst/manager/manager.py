@@ -9,19 +9,22 @@ import shutil
 import sys
 import threading
 import weakref
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .._progress import progress as progress_bar
 from ..errors import CheckpointError, CheckpointNotFoundError, SerializationError
-from ..format.reader import safe_open
 from ..format.writer import WritePlan
-from ..state import STATE_FILE, decode_state, encode_state, restore_state
+from ..state import decode_state, encode_state, restore_state
+from ..state.codec import FileReader
 from ..state.tree import Json, TensorTable, TreeDecoder, TreeEncoder
-from .layout import cleanup, committed_steps, read_manifest, remove_step, step_dir
+from .layout import cleanup, committed_steps, read_manifest, remove_step, step_location
 from .lock import DirectoryLock
+from .reading import OpenStep, open_step
 from .retention import DEFAULT_KEEP_LAST, RetentionPolicy, StepInfo, check_metrics, resolve_retention
 from .snapshot import HostArena
 from .writer import describe_os_error, plan_files, write_step
@@ -156,7 +159,10 @@ class CheckpointManager:
     def path(self, step: int) -> str:
         """Directory of a committed step (its model files are ordinary safetensors files)."""
         self._manifest(step)
-        return step_dir(self.directory, step)
+        location = step_location(self.directory, step)
+        if location is None:
+            raise CheckpointNotFoundError(f"{self.directory}: step {step} is not a committed checkpoint")
+        return location
 
     def metrics(self, step: int) -> dict[str, Any]:
         """The ``metrics`` passed to ``save()`` for ``step``."""
@@ -287,48 +293,12 @@ class CheckpointManager:
     def _manifest(self, step: int) -> dict[str, Any]:
         return read_manifest(self.directory, step)
 
-    def _resolve(self, step: int | None) -> int:
+    def _open(self, step: int | None) -> OpenStep:
         if self._lock is not None:
             self.wait()
-        if step is None:
-            latest = self.latest_step()
-            if latest is None:
-                raise CheckpointNotFoundError(f"{self.directory}: no committed checkpoint to restore")
-            return latest
-        if step not in self.steps():
-            raise CheckpointNotFoundError(
-                f"{self.directory}: step {step} is not a committed checkpoint; committed steps: {self.steps()}"
-            )
-        return step
-
-    def _reader(self, step: int, manifest: dict[str, Any]) -> Any:
-        base = step_dir(self.directory, step)
-        files = manifest["files"]
-        cache: dict[str, tuple[Mapping[str, torch.Tensor], Mapping[str, str]]] = {}
-
-        def read(rel: str) -> tuple[Mapping[str, torch.Tensor], Mapping[str, str]]:
-            if rel in cache:
-                return cache[rel]
-            entry = files.get(rel)
-            path = os.path.join(base, rel)
-            if not isinstance(entry, dict) or os.path.normpath(path) != path or not path.startswith(base + os.sep):
-                raise CheckpointError(f"{base}: manifest does not list a valid file {rel!r}; the step is damaged")
-            try:
-                size = os.path.getsize(path)
-            except OSError as e:
-                raise CheckpointError(f"{path}: cannot read checkpoint file: {describe_os_error(e)}") from e
-            if size != entry.get("size"):
-                raise CheckpointError(
-                    f"{path}: {size:,} bytes but the manifest says {entry.get('size')!r}; the step is damaged"
-                )
-            # Modules copy out in load_state_dict, so a zero-copy mapping is enough; other state
-            # (optimizer moments) is kept by its owner, so it gets memory of its own.
-            backend = "pread" if rel == STATE_FILE else "mmap"
-            with safe_open(path, backend=backend) as f:
-                cache[rel] = (f.get_tensors(), f.metadata() or {})
-            return cache[rel]
-
-        return read
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+            raise TypeError(f"step must be an int or None (the latest), found {step!r}")
+        return open_step(self.directory, step)
 
     def restore(
         self,
@@ -337,39 +307,60 @@ class CheckpointManager:
         *,
         restore_rng: bool = True,
         device: str | torch.device | None = None,
+        progress: bool | None = None,
     ) -> int:
         """Load ``step`` (default: the latest committed) into ``state`` in place; return the step.
 
         Stateful objects are loaded with their own ``load_state_dict``; plain values in
         ``state`` are replaced by the saved ones.  Keys of the checkpoint that ``state`` does
-        not name are skipped.  Waits for a save in flight first.
+        not name are skipped.  Everything is checked before anything is written: on a
+        mismatch (another architecture, say) ``CheckpointError`` names the key and both
+        shapes and every object is unchanged.  Waits for a save in flight first.  The step
+        is read whole even while a writer re-saves it.  ``progress=True`` (or
+        ``TORCHST_PROGRESS=1``) shows a bar.
 
         >>> start = mgr.restore({"model": model, "optim": opt, "sched": sched}) + 1
         """
         if not isinstance(state, MutableMapping):
             raise TypeError(f"restore() takes the dict of objects to load into, found {type(state).__name__}")
-        step = self._resolve(step)
-        manifest = self._manifest(step)
-        where = f"{step_dir(self.directory, step)}"
-        restore_state(
-            state,
-            manifest["tree"],
-            self._reader(step, manifest),
-            rng=restore_rng,
-            device=device,
-            where=where,
-            step=step,
-        )
-        return step
+        with self._open(step) as opened, self._bar(opened, progress, "Restoring") as read:
+            try:
+                restore_state(
+                    state,
+                    opened.manifest["tree"],
+                    read,
+                    rng=restore_rng,
+                    device=device,
+                    where=opened.path,
+                    step=opened.step,
+                )
+            except RecursionError:
+                raise CheckpointError(f"{opened.path}: the state tree nests too deeply to restore") from None
+            return opened.step
 
-    def read(self, step: int | None = None) -> dict[str, Any]:
+    def read(self, step: int | None = None, *, progress: bool | None = None) -> dict[str, Any]:
         """The saved state of ``step`` as plain values (modules and optimizers as state dicts).
 
         >>> mgr.read()["model"]["fc.weight"].shape
         """
-        step = self._resolve(step)
-        manifest = self._manifest(step)
-        return decode_state(manifest["tree"], self._reader(step, manifest), where=step_dir(self.directory, step))
+        with self._open(step) as opened, self._bar(opened, progress, "Reading") as read:
+            try:
+                return decode_state(opened.manifest["tree"], read, where=opened.path)
+            except RecursionError:
+                raise CheckpointError(f"{opened.path}: the state tree nests too deeply to read") from None
+
+    @contextmanager
+    def _bar(self, opened: OpenStep, enabled: bool | None, verb: str) -> Iterator[FileReader]:
+        with progress_bar(total=opened.nbytes, desc=f"{verb} step {opened.step}", enabled=enabled) as bar:
+
+            def read(rel: str) -> tuple[Mapping[str, torch.Tensor], Mapping[str, str]]:
+                first = rel not in opened._cache
+                out = opened.read(rel)
+                if first:
+                    bar.update(int(opened.manifest["files"][rel]["size"]))
+                return out
+
+            yield read
 
     # -- lifetime -----------------------------------------------------------------------
     def close(self) -> None:

@@ -29,10 +29,23 @@ from .optim import named_optimizer_state, parameter_names
 from .rng import capture_rng
 from .tree import Json, PathItem, TensorTable, TreeDecoder, TreeEncoder
 
-__all__ = ["MODEL_FILE", "STATE_FILE", "EncodedState", "FileReader", "FileSpec", "decode_state", "encode_state", "is_stateful"]
+__all__ = [
+    "MODEL_FILE",
+    "RESERVED_NAMES",
+    "STATE_FILE",
+    "EncodedState",
+    "FileReader",
+    "FileSpec",
+    "decode_state",
+    "encode_state",
+    "is_stateful",
+]
 
 STATE_FILE = "state.safetensors"
 MODEL_FILE = "model.safetensors"
+# Names a module's directory must not take: the step's own files (the manifest is the
+# manager's, named here so that a state key "manifest.json" cannot collide with it either).
+RESERVED_NAMES = frozenset({STATE_FILE, "manifest.json"})
 
 # Opens a file of the step by its relative path: returns its tensors and metadata.
 FileReader = Callable[[str], tuple[Mapping[str, torch.Tensor], Mapping[str, str]]]
@@ -118,6 +131,8 @@ class _StateEncoder(TreeEncoder):
         base = re.sub(r"[^A-Za-z0-9_.-]", "_", ".".join(str(p) for p in path)) or "model"
         base = "_" + base if base.startswith(".") else base
         name, i = base, 1
+        if base in RESERVED_NAMES:
+            name, i = f"{base}-2", 2  # a state key such as "state.safetensors" gets an escaped directory
         while any(f.startswith(name + "/") for f in self.files):
             i += 1
             name = f"{base}-{i}"

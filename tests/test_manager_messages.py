@@ -1,0 +1,109 @@
+"""What a user reads when a run directory is damaged or hostile, and names the layout reserves."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchst import CheckpointManager
+from torchst.errors import CheckpointError
+from torchst.manager import layout
+from torchst.state.codec import RESERVED_NAMES, STATE_FILE
+
+
+def saved(tmp_path: Path) -> CheckpointManager:
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, {"model": torch.nn.Linear(3, 2), "epoch": 1})
+    return mgr
+
+
+def test_a_deeply_nested_manifest_is_a_checkpoint_error(tmp_path: Path) -> None:
+    mgr = saved(tmp_path)
+    manifest = tmp_path / "step_1" / "manifest.json"
+    manifest.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError) as info:
+        mgr.restore({"model": torch.nn.Linear(3, 2)})
+    assert str(info.value) == (
+        f"{manifest}: manifest nests deeper than Python can parse; torchst never writes such a manifest, "
+        "so the step is damaged or was not written by torchst"
+    )
+    with pytest.raises(CheckpointError, match="nests deeper than Python can parse"):
+        mgr.metrics(1)
+
+
+def test_a_parseable_but_deeply_nested_state_tree_is_a_checkpoint_error(tmp_path: Path) -> None:
+    mgr = saved(tmp_path)
+    path = tmp_path / "step_1" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    deep: object = 0
+    for _ in range(900):  # json parses it; decoding it would exhaust the Python stack
+        deep = [deep]
+    manifest["tree"]["state"]["epoch"] = deep
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"step_1: the state tree nests too deeply to restore$"):
+        mgr.restore({"epoch": 0})
+    with pytest.raises(CheckpointError, match=r"step_1: the state tree nests too deeply to read$"):
+        mgr.read(1)
+
+
+def test_a_deleted_file_is_reported_as_a_read_problem(tmp_path: Path) -> None:
+    mgr = saved(tmp_path)
+    os.remove(tmp_path / "step_1" / "model" / "model.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        mgr.restore({"model": torch.nn.Linear(3, 2)})
+    assert str(info.value) == (
+        f"{tmp_path / 'step_1' / 'model' / 'model.safetensors'}: a file of committed step 1 is missing, so the "
+        "step cannot be read (deleted by hand?); restore another step"
+    )
+    assert "saving" not in str(info.value)
+
+
+def test_a_truncated_file_is_reported_before_anything_is_restored(tmp_path: Path) -> None:
+    mgr = saved(tmp_path)
+    path = tmp_path / "step_1" / STATE_FILE
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size - 1)
+    epoch = {"epoch": 0}
+    with pytest.raises(
+        CheckpointError,
+        match=rf"state.safetensors: {size - 1:,} bytes but the manifest says {size}; the step is damaged",
+    ):
+        mgr.restore(epoch)
+    assert epoch == {"epoch": 0}
+
+
+@pytest.mark.parametrize("name", sorted(RESERVED_NAMES))
+def test_state_keys_named_like_the_step_files_are_escaped(tmp_path: Path, name: str) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, {name: model, "model": torch.nn.Linear(2, 2), "plain": torch.ones(2)})
+    files = json.loads((tmp_path / "step_1" / "manifest.json").read_text())["files"]
+    assert sorted(files) == sorted([f"{name}-2/model.safetensors", "model/model.safetensors", STATE_FILE])
+    fresh = torch.nn.Linear(3, 2)
+    mgr.restore({name: fresh})
+    assert torch.equal(fresh.weight, model.weight)
+
+
+def test_the_manifest_name_is_reserved_for_state_keys() -> None:
+    assert layout.MANIFEST in RESERVED_NAMES
+
+
+def test_restore_and_read_show_progress_when_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("tqdm")
+    mgr = saved(tmp_path)
+    mgr.restore({"model": torch.nn.Linear(3, 2)}, progress=True)
+    assert "Restoring step 1" in capsys.readouterr().err
+    monkeypatch.setenv("TORCHST_PROGRESS", "1")
+    mgr.read()
+    assert "Reading step 1" in capsys.readouterr().err
+    monkeypatch.setenv("TORCHST_PROGRESS", "0")
+    mgr.restore({"model": torch.nn.Linear(3, 2)})
+    assert capsys.readouterr().err == ""
