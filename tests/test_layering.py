@@ -24,12 +24,13 @@ RANKS = {
     "sharding": 4,
     "state": 4,
     "nn": 5,
-    "manager": 6,
-    "integrations": 7,
-    "compat": 7,
-    "cli": 8,
-    "__init__": 9,
-    "__main__": 10,
+    "distributed": 6,
+    "manager": 7,
+    "integrations": 8,
+    "compat": 8,
+    "cli": 9,
+    "__init__": 10,
+    "__main__": 11,
 }
 
 

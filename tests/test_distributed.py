@@ -1,0 +1,211 @@
+"""Collective saves and loads on gloo (CPU): byte equality with the single-process save,
+resharding, strictness, and failures on one rank (exception, SIGKILL)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from dist_launch import launch
+
+import torchst
+
+pytestmark = pytest.mark.multiprocess
+HERE = "tests/test_distributed.py"
+
+
+def full_tensors(world: int) -> dict[str, torch.Tensor]:
+    """The full tensors every scenario shards; per-rank names come last, in rank order."""
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(6, 4, generator=g)
+    out = {
+        "a.shard0_uneven": torch.randn(5, 3, generator=g),
+        "b.shard1_uneven": torch.randn(4, 7, generator=g).to(torch.bfloat16),
+        "c.replicate": torch.randn(3, 4, generator=g).half(),
+        "d.plain": torch.arange(6, dtype=torch.int64),
+        "f.shard0_tiny": torch.randn(1, 4, generator=g),
+        "g.scalar": torch.tensor(3.5),
+        "h.shard2_3d": torch.randn(2, 3, 5, generator=g),
+        "i.big_replicated": torch.randn(600, 500, generator=g),
+        "j.empty": torch.zeros(0, 3),
+        "emb.weight": emb,
+        "head.weight": emb,
+    }
+    for r in range(world):
+        out[f"e.only_rank{r}"] = torch.full((2, 2), float(r))
+    return out
+
+
+def _distributed(world: int, rank: int) -> dict[str, torch.Tensor]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = full_tensors(world)
+    layout: dict[str, Any] = {
+        "a.shard0_uneven": [Shard(0)],
+        "b.shard1_uneven": [Shard(1)],
+        "c.replicate": [Replicate()],
+        "f.shard0_tiny": [Shard(0)],
+        "h.shard2_3d": [Shard(2)],
+        "i.big_replicated": [Replicate()],
+        "j.empty": [Shard(0)],
+        "emb.weight": [Shard(0)],
+    }
+    sd: dict[str, torch.Tensor] = {}
+    for name, t in full.items():
+        if name in layout:
+            sd[name] = distribute_tensor(t, mesh, layout[name])
+        elif name == "head.weight":
+            sd[name] = sd["emb.weight"]  # tied: the same DTensor under two names
+        elif name.startswith("e.only_rank"):
+            if name == f"e.only_rank{rank}":
+                sd[name] = t
+        else:
+            sd[name] = t.clone()
+    return sd
+
+
+def _resharded_targets(world: int) -> dict[str, torch.Tensor]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = full_tensors(world)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in full.items():
+        if t.dim() >= 2 and t.numel():
+            out[name] = distribute_tensor(torch.zeros_like(t), mesh, [Shard(1)])
+        elif t.dim() == 1:
+            out[name] = distribute_tensor(torch.zeros_like(t), mesh, [Replicate()])
+        else:
+            out[name] = torch.zeros_like(t)
+    return out
+
+
+def scenario_placements(rank: int, world: int, out: str) -> None:
+    import torchst.distributed as tsd
+    from torchst.errors import CheckpointError
+
+    sd = _distributed(world, rank)
+    tsd.save_state_dict(sd, os.path.join(out, "sharded"), max_shard_size=2000, metadata={"run": "x"}, timeout=30)
+    tsd.save_state_dict(sd, os.path.join(out, "single"), timeout=30)
+
+    # resharding load: everything saved as Shard(0)/Replicate comes back as Shard(1)/Replicate
+    targets = _resharded_targets(world)
+    missing, unexpected = tsd.load_state_dict(targets, os.path.join(out, "sharded"), timeout=30)
+    assert (missing, unexpected) == ([], []), (missing, unexpected)
+    full = full_tensors(world)
+    for name, t in targets.items():
+        got = t.full_tensor() if hasattr(t, "full_tensor") else t
+        assert torch.equal(got, full[name]), name
+
+    # strictness: the same error on every rank, before anything is loaded
+    extra = {**_resharded_targets(world), "not.in.file": torch.zeros(1)}
+    try:
+        tsd.load_state_dict(extra, os.path.join(out, "sharded"), timeout=30)
+        raise AssertionError("strict load accepted a missing key")
+    except CheckpointError as e:
+        assert "Missing key(s)" in str(e) and "not.in.file" in str(e), str(e)
+    missing, _ = tsd.load_state_dict(extra, os.path.join(out, "sharded"), strict=False, timeout=30)
+    assert missing == ["not.in.file"]
+    wrong = {"a.shard0_uneven": torch.zeros(5, 4)}
+    try:
+        tsd.load_state_dict(wrong, os.path.join(out, "sharded"), strict=False, timeout=30)
+        raise AssertionError("shape mismatch accepted")
+    except CheckpointError as e:
+        assert "checkpoint has shape [5, 3], the target has [5, 4]" in str(e), str(e)
+
+    # one rank fails mid-save (disk full): every rank raises, the previous checkpoint stays
+    import torchst.distributed.save as save_mod
+
+    if rank == world - 1:
+        real = save_mod._pwrite
+        calls = []
+
+        def failing(fd: int, view: memoryview, offset: int) -> None:
+            calls.append(1)
+            if len(calls) > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real(fd, view, offset)
+
+        save_mod._pwrite = failing  # type: ignore[assignment]
+    changed = {k: (v * 2 if k == "d.plain" else v) for k, v in sd.items()}
+    try:
+        tsd.save_state_dict(changed, os.path.join(out, "sharded"), max_shard_size=2000, timeout=30)
+        raise AssertionError("save with a failing rank succeeded")
+    except CheckpointError as e:
+        assert f"rank {world - 1}: OSError" in str(e) and "No space left" in str(e), str(e)
+    with open(os.path.join(out, f"fault-ok-{rank}"), "w") as f:
+        f.write("ok")
+
+
+def _reference(world: int) -> dict[str, torch.Tensor]:
+    return full_tensors(world)
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_two_ranks_write_the_single_process_bytes_and_reshard(tmp_path: Path) -> None:
+    launch(tmp_path, 2, f"{HERE}::scenario_placements", timeout=120).check()
+    ref_sharded, ref_single = tmp_path / "ref_sharded", tmp_path / "ref_single"
+    torchst.save_state_dict(_reference(2), ref_sharded, max_shard_size=2000, metadata={"run": "x"})
+    torchst.save_state_dict(_reference(2), ref_single, max_shard_size=None)
+    got = _files(tmp_path / "sharded")
+    assert len(got) > 3 and "model.safetensors.index.json" in got
+    assert got == _files(ref_sharded)
+    assert _files(tmp_path / "single") == _files(ref_single)
+    # the failed save on one rank left the committed checkpoint (and nothing else) behind
+    assert all((tmp_path / f"fault-ok-{r}").exists() for r in range(2))
+    loaded = torchst.load_state_dict(tmp_path / "sharded")
+    assert torch.equal(loaded["d.plain"], torch.arange(6))
+    assert loaded["head.weight"] is loaded["emb.weight"]
+
+
+def scenario_killed(rank: int, world: int, out: str) -> None:
+    import torchst.distributed as tsd
+    import torchst.distributed.save as save_mod
+    from torchst.errors import CheckpointError
+
+    sd = _distributed(world, rank)
+    directory = os.path.join(out, "ckpt")
+    tsd.save_state_dict(sd, directory, max_shard_size=2000, timeout=30)
+    if rank == 1:
+        real = save_mod._pwrite
+
+        def dying(fd: int, view: memoryview, offset: int) -> None:
+            real(fd, view, offset)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        save_mod._pwrite = dying  # type: ignore[assignment]
+    start = time.monotonic()
+    try:
+        tsd.save_state_dict({k: v for k, v in sd.items()}, directory, max_shard_size=2000, timeout=10)
+    except CheckpointError as e:
+        with open(os.path.join(out, f"survivor-{rank}.json"), "w") as f:
+            json.dump({"seconds": time.monotonic() - start, "error": str(e)}, f)
+        os._exit(0)  # the group is broken; skip its teardown
+    raise AssertionError("the save succeeded although a rank was killed")
+
+
+def test_sigkill_of_one_rank_fails_the_survivors_in_bounded_time(tmp_path: Path) -> None:
+    result = launch(tmp_path, 2, f"{HERE}::scenario_killed", timeout=90)
+    assert result.codes[1] == -signal.SIGKILL, result.outputs[1]
+    assert result.codes[0] == 0, result.outputs[0]
+    report = json.loads((tmp_path / "survivor-0.json").read_text())
+    assert report["seconds"] < 30, report
+    assert "CheckpointError" not in report["error"] and "rank 0" in report["error"], report
+    assert not [p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith(".")]  # temporaries removed
+    loaded = torchst.load_state_dict(tmp_path / "ckpt")
+    ref = full_tensors(2)
+    assert sorted(loaded) == sorted(ref)
+    assert all(torch.equal(loaded[k], ref[k]) for k in ref)

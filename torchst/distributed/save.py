@@ -1,0 +1,347 @@
+"""Collective saves: every rank writes its own bytes, in place, into one Hugging Face checkpoint.
+
+1. every rank describes what it holds (names, dtypes, global shapes, the box of the full tensor
+   its local piece covers) and the descriptions are all-gathered as JSON;
+2. every rank derives the same plan from them: shard files, headers, offsets, and which rank
+   writes which bytes (replicated pieces are split between their holders, balanced by bytes);
+3. each rank ``os.pwrite``s its pieces at their final offsets into the shards' temporary files
+   and flushes (and fsyncs) them;
+4. the ranks vote; when every rank succeeded, rank 0 commits with the single-process commit
+   (renames, then the index last), else every rank raises ``CheckpointError`` and the previous
+   checkpoint stays as it was.
+
+The result is byte for byte what ``torchst.save_state_dict`` writes for the full tensors.  Ranks
+on several hosts need a filesystem they all see (NFS, Lustre, GPFS...), as DCP's
+``FileSystemWriter`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from .._dtypes import DTYPES, from_torch
+from ..dedup import TiedKeys, deduplicate
+from ..errors import SerializationError
+from ..format._buffers import tensor_bytes
+from ..format.header import build_header, encode_prefix
+from ..sharding.index import index_filename
+from ..sharding.io import SaveResult, _cleanup, _commit, _committed_files, _file_metadata, _referenced
+from ..sharding.plan import plan_shards
+from ._comm import Group
+from ._layout import Box, box_numel, contains, local_box, overlaps, runs, split_box
+
+__all__ = ["save_state_dict"]
+
+logger = logging.getLogger(__name__)
+PathLike = str | os.PathLike[str]
+# Replicated pieces above this size are split between the ranks that hold them.
+SPLIT_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class _Write:
+    name: str
+    box: Box  # the bytes to write, in full-tensor coordinates
+    source: Box  # the writer's local piece that contains them
+    rank: int
+
+
+@dataclass(frozen=True)
+class _Plan:
+    filenames: tuple[str, ...]
+    weight_map: dict[str, str]
+    total_size: int
+    headers: dict[str, bytes]  # file name -> length prefix + header
+    data_start: dict[str, int]  # tensor name -> absolute file offset of its first byte
+    file_of: dict[str, str]
+    writes: tuple[_Write, ...]
+    shapes: dict[str, tuple[int, ...]]
+    itemsize: dict[str, int]
+    aliases: dict[str, str]
+    token: str
+
+
+def _describe(
+    state_dict: Mapping[str, torch.Tensor], tied_keys: TiedKeys | None
+) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, Box]]]:
+    if not isinstance(state_dict, Mapping):
+        raise SerializationError(f"expected a dict of str -> torch.Tensor, found {type(state_dict).__name__}")
+    pieces: dict[str, tuple[torch.Tensor, Box]] = {}
+    entries = []
+    for name, value in state_dict.items():
+        if not isinstance(name, str):
+            raise SerializationError(f"tensor names must be str, found {type(name).__name__}: {name!r}")
+        if not isinstance(value, torch.Tensor):
+            raise SerializationError(f"state dict entry {name!r} is a {type(value).__name__}, not a torch.Tensor")
+        local, box = local_box(value, name)
+        if local.device.type == "meta":
+            raise SerializationError(f"tensor {name!r} is on the meta device and has no data to save")
+        if local.layout != torch.strided:
+            raise SerializationError(f"tensor {name!r} is {local.layout}; safetensors stores dense tensors only")
+        row = from_torch(value.dtype, f"tensor {name!r}")
+        pieces[name] = (local, box)
+        entries.append([name, row.code, list(value.shape), list(box[0]), list(box[1])])
+    # Shared storage (tied weights) is detected on the local pieces; a rank whose piece is empty
+    # cannot see it, so the ranks' findings are merged.
+    aliases = deduplicate({n: p[0] for n, p in pieces.items()}, tied_keys=tied_keys).aliases
+    return {"tensors": entries, "aliases": aliases}, pieces
+
+
+def _merge(records: list[dict[str, Any]], where: str) -> tuple[list[str], dict[str, Any], dict[str, str]]:
+    order: list[str] = []
+    spec: dict[str, Any] = {}  # name -> (code, shape, {box: [ranks]})
+    for rank, rec in enumerate(records):
+        for name, code, shape, offs, sizes in rec["tensors"]:
+            if name not in spec:
+                order.append(name)
+                spec[name] = (code, tuple(shape), {})
+            code0, shape0, boxes = spec[name]
+            if (code0, shape0) != (code, tuple(shape)):
+                raise SerializationError(
+                    f"{where}: tensor {name!r} is {code0} {list(shape0)} on one rank but {code} {shape} on rank "
+                    f"{rank}; every rank must describe the same full tensor"
+                )
+            boxes.setdefault((tuple(offs), tuple(sizes)), []).append(rank)
+    aliases: dict[str, str] = {}
+    for rec in records:
+        for alias, kept in rec["aliases"].items():
+            if aliases.setdefault(alias, kept) != kept:
+                raise SerializationError(
+                    f"{where}: {alias!r} shares memory with {aliases[alias]!r} on one rank and {kept!r} on another"
+                )
+    for alias, kept in aliases.items():
+        if kept in aliases or spec[alias][:2] != spec[kept][:2]:
+            raise SerializationError(f"{where}: tied tensors {alias!r} and {kept!r} disagree between ranks")
+    return order, spec, aliases
+
+
+def _assign(
+    name: str, shape: tuple[int, ...], boxes: dict[Box, list[int]], itemsize: int, load: list[int]
+) -> list[_Write]:
+    numel = 1
+    for d in shape:
+        numel *= d
+    kept = [b for b in boxes if not any(o != b and contains(o, b) for o in boxes)]
+    for i, a in enumerate(kept):
+        for b in kept[i + 1 :]:
+            if overlaps(a, b):
+                raise SerializationError(
+                    f"tensor {name!r}: ranks hold overlapping but different pieces {a} and {b} (offsets, sizes); "
+                    "pieces must be disjoint, identical or nested"
+                )
+    covered = sum(box_numel(b) for b in kept)
+    if covered != numel:
+        raise SerializationError(
+            f"tensor {name!r} of shape {list(shape)}: the ranks together hold {covered:,} of its {numel:,} "
+            "elements; every element must be held by some rank"
+        )
+    holders = {b: sorted({r for o, rs in boxes.items() if contains(o, b) for r in rs}) for b in kept}
+    out = []
+    for b in sorted(kept, key=lambda b: (-box_numel(b), b)):
+        cands = holders[b]
+        parts = split_box(b, len(cands)) if len(cands) > 1 and box_numel(b) * itemsize >= SPLIT_BYTES else [b]
+        for part in parts:
+            rank = min(cands, key=lambda r: (load[r], r))
+            load[rank] += box_numel(part) * itemsize
+            source = next(o for o, rs in sorted(boxes.items()) if rank in rs and contains(o, part))
+            out.append(_Write(name, part, source, rank))
+    return out
+
+
+def _plan(
+    records: list[dict[str, Any]],
+    max_shard_size: int | str | None,
+    metadata: Mapping[str, str] | None,
+    token: str,
+    where: str,
+) -> _Plan:
+    order, spec, aliases = _merge(records, where)
+    stored = [n for n in order if n not in aliases]
+    itemsize = {n: DTYPES[spec[n][0]].itemsize for n in order}
+    shapes = {n: spec[n][1] for n in order}
+
+    def nbytes(n: str) -> int:
+        k = itemsize[n]
+        for d in shapes[n]:
+            k *= d
+        return k
+
+    shards = plan_shards([(n, nbytes(n)) for n in stored], max_shard_size)
+    headers: dict[str, bytes] = {}
+    data_start: dict[str, int] = {}
+    file_of: dict[str, str] = {}
+    for fn, names in zip(shards.filenames, shards.shards):
+        kept = set(names)
+        md = _file_metadata(metadata, {a: k for a, k in aliases.items() if k in kept})
+        # the reference order: dtype rank descending, then name (see format.writer.plan_write)
+        ordered = sorted(names, key=lambda n: (-DTYPES[spec[n][0]].rank, n))
+        entries = []
+        for n in ordered:
+            row = DTYPES[spec[n][0]]
+            shape = list(shapes[n])
+            if row.pack != 1:
+                shape[-1] *= row.pack  # header stores logical values
+            entries.append((n, row.code, shape, nbytes(n)))
+        header = build_header(entries, md)
+        headers[fn] = encode_prefix(header) + header
+        pos = len(headers[fn])
+        for n in ordered:
+            data_start[n] = pos
+            file_of[n] = fn
+            pos += nbytes(n)
+    load = [0] * len(records)
+    writes: list[_Write] = []
+    for n in sorted(stored, key=lambda n: -nbytes(n)):  # large tensors first balance better
+        writes.extend(_assign(n, shapes[n], spec[n][2], itemsize[n], load))
+    return _Plan(
+        shards.filenames, shards.weight_map, shards.total_size, headers, data_start, file_of,
+        tuple(writes), shapes, itemsize, aliases, token,
+    )  # fmt: skip
+
+
+def _slab(local: torch.Tensor, source: Box, box: Box) -> torch.Tensor:
+    """The part of ``local`` (covering ``source``) that covers ``box``, contiguous on the CPU."""
+    index = tuple(slice(o - so, o - so + s) for o, s, so in zip(box[0], box[1], source[0]))
+    part = local[index] if index else local
+    if part.device.type != "cpu":
+        part = part.cpu()  # copy #1 for accelerator pieces: device -> host
+    # safetensors bytes are row-major; a strided piece is copied once
+    return part if part.is_contiguous() else part.contiguous()
+
+
+def _write(plan: _Plan, directory: str, rank: int, pieces: Mapping[str, tuple[torch.Tensor, Box]], fsync: bool) -> None:
+    mine = [w for w in plan.writes if w.rank == rank]
+    # file creation and headers are spread over the ranks that write; rank 0 when nobody does
+    writers = sorted({w.rank for w in plan.writes}) or [0]
+    headed = [fn for i, fn in enumerate(plan.filenames) if writers[i % len(writers)] == rank]
+    files = set(headed) | {plan.file_of[w.name] for w in mine}
+    files |= {plan.file_of[w.name] for w in mine}
+    fds: dict[str, int] = {}
+    try:
+        for fn in sorted(files):
+            path = os.path.join(directory, f".tmp-{plan.token}-{fn}")
+            fds[fn] = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        for fn in headed:
+            size = len(plan.headers[fn]) + sum(_nbytes(plan, n) for n, f in plan.file_of.items() if f == fn)
+            os.ftruncate(fds[fn], size)  # the final length up front; other ranks fill in their bytes
+            _pwrite(fds[fn], memoryview(plan.headers[fn]), 0)
+        for w in mine:
+            local, _ = pieces[w.name]
+            part = _slab(local, w.source, w.box)
+            view = tensor_bytes(part)
+            fd, base = fds[plan.file_of[w.name]], plan.data_start[w.name]
+            for goff, loff, length in runs(plan.shapes[w.name], w.box, plan.itemsize[w.name]):
+                _pwrite(fd, view[loff : loff + length], base + goff)
+        if fsync:
+            for fd in fds.values():
+                os.fsync(fd)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _nbytes(plan: _Plan, name: str) -> int:
+    k = plan.itemsize[name]
+    for d in plan.shapes[name]:
+        k *= d
+    return k
+
+
+def _pwrite(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        n = os.pwrite(fd, view[done : done + (1 << 30)], offset + done)
+        if n <= 0:
+            raise OSError(f"pwrite wrote {n} bytes at offset {offset + done}")
+        done += n
+
+
+def _remove_temps(directory: str, plan: _Plan) -> None:
+    for fn in plan.filenames:
+        name = f".tmp-{plan.token}-{fn}"
+        try:
+            if not _referenced(directory, name):
+                os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+
+
+def _commit_directory(directory: str, plan: _Plan, fsync: bool) -> None:
+    old = _committed_files(directory)
+    temps = {fn: f".tmp-{plan.token}-{fn}" for fn in plan.filenames}
+    _commit(directory, plan.filenames, temps, plan.weight_map, plan.total_size, old, fsync)
+    keep = set(plan.filenames) | ({index_filename()} if len(plan.filenames) > 1 else set())
+    _cleanup(directory, keep, old)
+
+
+def save_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    directory: PathLike,
+    *,
+    process_group: Any | None = None,
+    max_shard_size: int | str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    tied_keys: TiedKeys | None = None,
+    fsync: bool = True,
+    timeout: timedelta | float | None = None,
+) -> SaveResult:
+    """Collectively save DTensors and plain tensors as one checkpoint of full tensors.
+
+    Every rank of ``process_group`` (default: the world) calls this with its state dict: values
+    may be DTensors with any ``Shard``/``Replicate`` placements on 1-D or 2-D meshes (FSDP2,
+    tensor parallel, uneven shards), tensors several ranks hold under one name (written once),
+    or tensors only some ranks hold (the union is saved).  ``metadata`` is taken from rank 0.
+    Each rank writes its own bytes in place; rank 0 commits once every rank has flushed.  A
+    failure on any rank raises ``CheckpointError`` on every rank within ``timeout`` (default 10
+    minutes per collective) and leaves the previous checkpoint in ``directory`` loadable.
+    Ranks on several hosts need a shared filesystem.
+
+    >>> import torchst.distributed as tsd
+    >>> tsd.save_state_dict(fsdp_model.state_dict(), "ckpt", max_shard_size="5GB")
+    >>> torchst.load_state_dict("ckpt")   # full tensors, in any process
+    """
+    group = Group(process_group, timeout, "torchst.distributed.save_state_dict")
+    path = os.fspath(directory)
+    where = path
+
+    def describe() -> dict[str, Any]:
+        if path.endswith(".safetensors"):
+            raise SerializationError(
+                f"{path}: a collective save writes a directory (shards + index); give a directory name"
+            )
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise SerializationError(f"{path} exists and is not a directory")
+        _file_metadata(metadata, {})  # validate before anything is created
+        os.makedirs(path, exist_ok=True)
+        record, pieces = _describe(state_dict, tied_keys)
+        local_pieces.update(pieces)
+        if group.rank == 0:
+            record["metadata"] = dict(metadata or {})
+            record["token"] = uuid.uuid4().hex[:12]
+        return record
+
+    local_pieces: dict[str, tuple[torch.Tensor, Box]] = {}
+    record = group.run(describe, "describing the local tensors")
+    records = group.all_gather_json(record, "exchanging tensor metadata")
+    plan = group.run(
+        lambda: _plan(records, max_shard_size, records[0]["metadata"], records[0]["token"], where), "planning"
+    )
+    try:
+        group.run(lambda: _write(plan, path, group.rank, local_pieces, fsync), "writing the shards")
+        group.run(lambda: _commit_directory(path, plan, fsync) if group.rank == 0 else None, "committing")
+    except BaseException:
+        _remove_temps(path, plan)
+        raise
+    logger.info(
+        "saved %d tensors (%d bytes) from %d ranks to %s", len(plan.weight_map), plan.total_size, group.size, path
+    )
+    idx = index_filename() if len(plan.filenames) > 1 else None
+    return SaveResult(path, plan.filenames, idx, dict(plan.aliases), plan.total_size)
