@@ -209,3 +209,164 @@ def test_sigkill_of_one_rank_fails_the_survivors_in_bounded_time(tmp_path: Path)
     ref = full_tensors(2)
     assert sorted(loaded) == sorted(ref)
     assert all(torch.equal(loaded[k], ref[k]) for k in ref)
+
+
+def mesh_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "fsdp_tp.weight": torch.randn(7, 6, generator=g),
+        "tp_col.weight": torch.randn(4, 5, generator=g).to(torch.bfloat16),
+        "nested.weight": torch.randn(9, 3, generator=g),
+        "strided.weight": torch.randn(8, 3, generator=g),
+        "bias": torch.randn(3, generator=g),
+        "big": torch.randn(600, 500, generator=g),
+        "step": torch.tensor(7, dtype=torch.int64),
+    }
+
+
+def scenario_mesh_2d(rank: int, world: int, out: str) -> None:
+    """Four ranks on a 2 x 2 (dp, tp) mesh: FSDP2 x TP layouts, saved and reloaded differently."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    import torchst.distributed as tsd
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    layout: dict[str, Any] = {
+        "fsdp_tp.weight": [Shard(0), Shard(1)],
+        "tp_col.weight": [Replicate(), Shard(1)],
+        "nested.weight": [Shard(0), Shard(0)],
+        "strided.weight": [_StridedShard(0, split_factor=2), Shard(0)],
+        "bias": [Replicate(), Replicate()],
+        "big": [Replicate(), Replicate()],
+    }
+    full = mesh_tensors()
+    sd = {n: distribute_tensor(t, mesh, layout[n]) if n in layout else t.clone() for n, t in full.items()}
+    tsd.save_state_dict(sd, os.path.join(out, "by4"), max_shard_size=3000, timeout=60)
+    flipped = {
+        n: distribute_tensor(torch.zeros_like(t), mesh, [Shard(t.dim() - 1), Replicate()]) if t.dim() else t * 0
+        for n, t in full.items()
+    }
+    tsd.load_state_dict(flipped, os.path.join(out, "by4"), timeout=60)
+    for n, t in flipped.items():
+        got = t.full_tensor() if hasattr(t, "full_tensor") else t
+        assert torch.equal(got, full[n]), n
+
+
+def scenario_reshard_to_two(rank: int, world: int, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import torchst.distributed as tsd
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = mesh_tensors()
+    targets = {
+        n: distribute_tensor(torch.zeros_like(t), mesh, [Shard(t.dim() - 1)]) if t.dim() else t * 0
+        for n, t in full.items()
+    }
+    tsd.load_state_dict(targets, os.path.join(out, "by4"), timeout=60)
+    tsd.save_state_dict(targets, os.path.join(out, "by2"), max_shard_size=3000, timeout=60)
+
+
+def test_four_ranks_on_a_2d_mesh_reshard_to_two_then_one(tmp_path: Path) -> None:
+    launch(tmp_path, 4, f"{HERE}::scenario_mesh_2d", timeout=150).check()
+    ref = tmp_path / "ref"
+    torchst.save_state_dict(mesh_tensors(), ref, max_shard_size=3000)
+    assert _files(tmp_path / "by4") == _files(ref)
+    launch(tmp_path, 2, f"{HERE}::scenario_reshard_to_two", timeout=90).check()
+    assert _files(tmp_path / "by2") == _files(ref)
+    loaded = torchst.load_state_dict(tmp_path / "by2")
+    assert all(torch.equal(loaded[n], t) for n, t in mesh_tensors().items())
+
+
+def tiny_llama(seed: int) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def scenario_llama_fsdp2(rank: int, world: int, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    import torchst.distributed as tsd
+
+    model = tiny_llama(0)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    result = tsd.save_model(model, os.path.join(out, "llama"), max_shard_size=20_000, timeout=60)
+    assert result.aliases == {"lm_head.weight": "model.embed_tokens.weight"}, result.aliases
+    if rank == 0:
+        model.config.save_pretrained(os.path.join(out, "llama"))
+    other = tiny_llama(1)
+    for layer in other.model.layers:
+        fully_shard(layer)
+    fully_shard(other)
+    assert tsd.load_model(other, os.path.join(out, "llama"), timeout=60) == ([], [])
+    for (n, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a.full_tensor(), b.full_tensor()), n
+    assert other.lm_head.weight is other.model.embed_tokens.weight
+
+
+def test_fsdp2_llama_saved_by_two_ranks_loads_with_from_pretrained(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from transformers import LlamaForCausalLM
+
+    launch(tmp_path, 2, f"{HERE}::scenario_llama_fsdp2", timeout=150).check()
+    assert (tmp_path / "llama" / "model.safetensors.index.json").exists()
+    reference = tiny_llama(0)
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    ids = torch.tensor([[1, 5, 9, 33, 2, 17]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, reference(ids).logits)
+
+
+def test_collective_calls_need_an_initialised_process_group(tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    import torchst.distributed as tsd
+
+    assert not dist.is_initialized()
+    with pytest.raises(torchst.CheckpointError, match="init_process_group"):
+        tsd.save_state_dict({"w": torch.zeros(2)}, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_world_size_one_matches_the_single_process_api(tmp_path: Path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import torchst.distributed as tsd
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        full = full_tensors(1)
+        sd = {n: distribute_tensor(t, mesh, [Shard(0)]) if t.dim() == 2 else t for n, t in full.items()}
+        sd["head.weight"] = sd["emb.weight"]
+        tsd.save_state_dict(sd, tmp_path / "tsd", max_shard_size=2000)
+        torchst.save_state_dict(full, tmp_path / "ref", max_shard_size=2000)
+        assert _files(tmp_path / "tsd") == _files(tmp_path / "ref")
+        # a checkpoint of the single-process API loads into DTensors the same way
+        targets = {n: distribute_tensor(torch.zeros_like(t), mesh, [Shard(0)]) if t.dim() == 2 else torch.zeros_like(t)
+                   for n, t in full.items()}  # fmt: skip
+        assert tsd.load_state_dict(targets, tmp_path / "ref") == ([], [])
+        assert all(torch.equal(targets[n].full_tensor() if t.dim() == 2 else targets[n], t) for n, t in full.items())
+        with pytest.raises(torchst.CheckpointError, match="rank 0: SerializationError: .*give a directory"):
+            tsd.save_state_dict(sd, tmp_path / "one.safetensors")
+    finally:
+        dist.destroy_process_group()
