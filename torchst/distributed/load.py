@@ -21,7 +21,7 @@ from .._dtypes import from_code
 from ..errors import CheckpointError, SerializationError
 from ..format._buffers import pread_into, tensor_bytes
 from ..nn import EXTRA_STATE_KEY, LoadResult
-from ..sharding.io import Checkpoint, open_checkpoint
+from ..sharding.checkpoint import Checkpoint, open_checkpoint
 from ._comm import Group
 from ._layout import Box, is_dtensor, runs
 
@@ -90,30 +90,25 @@ def _check(
 
 
 def _read(ckpt: Checkpoint, state_dict: Mapping[str, torch.Tensor], source: Mapping[str, str]) -> None:
-    fds: dict[str, int] = {}
-    try:
-        for name, stored in source.items():
-            path, start, info = ckpt.tensors[stored]
-            where = f"{path}: tensor {stored!r}"
-            src_dtype = from_code(info.dtype, where).require_torch(where)
-            local, box = _target_box(state_dict[name], name)
-            if 0 in box[1]:
-                continue
-            if path not in fds:
-                fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            direct = local.device.type == "cpu" and local.dtype == src_dtype and local.is_contiguous()
-            # Straight into the target's memory when possible; otherwise one buffer, then one
-            # copy_ that casts and moves it (copy #1).
-            buf = local if direct else torch.empty(box[1], dtype=src_dtype)
-            view = tensor_bytes(buf)
-            for goff, loff, length in runs(tuple(state_dict[name].shape), box, buf.element_size()):
-                pread_into(fds[path], view[loff : loff + length], start + info.begin + goff, source=where)
-            if not direct:
-                with torch.no_grad():
-                    local.copy_(buf)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    for name, stored in source.items():
+        path, start, info = ckpt.tensors[stored]
+        where = f"{path}: tensor {stored!r}"
+        src_dtype = from_code(info.dtype, where).require_torch(where)
+        local, box = _target_box(state_dict[name], name)
+        if 0 in box[1]:
+            continue
+        # the descriptors the checkpoint opened: every rank reads the snapshot it validated
+        fd = ckpt._fd(path)
+        direct = local.device.type == "cpu" and local.dtype == src_dtype and local.is_contiguous()
+        # Straight into the target's memory when possible; otherwise one buffer, then one
+        # copy_ that casts and moves it (copy #1).
+        buf = local if direct else torch.empty(box[1], dtype=src_dtype)
+        view = tensor_bytes(buf)
+        for goff, loff, length in runs(tuple(state_dict[name].shape), box, buf.element_size()):
+            pread_into(fd, view[loff : loff + length], start + info.begin + goff, source=where)
+        if not direct:
+            with torch.no_grad():
+                local.copy_(buf)
 
 
 def load_state_dict(
@@ -139,9 +134,9 @@ def load_state_dict(
     path = os.fspath(directory)
 
     def load() -> LoadResult:
-        ckpt = open_checkpoint(path)
-        missing, unexpected, source = _check(ckpt, state_dict, strict)
-        _read(ckpt, state_dict, source)
+        with open_checkpoint(path) as ckpt:
+            missing, unexpected, source = _check(ckpt, state_dict, strict)
+            _read(ckpt, state_dict, source)
         return LoadResult(missing, unexpected)
 
     return group.run(load, "loading")
@@ -172,16 +167,20 @@ def load_model(
     path = os.fspath(directory)
 
     def load() -> LoadResult:
-        ckpt = open_checkpoint(path)
-        state: dict[str, Any] = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-        missing, unexpected, source = _check(ckpt, state, strict, _tied_groups(model))
-        _read(ckpt, state, source)
-        extra = ckpt.metadata.get(EXTRA_STATE_KEY)
-        if extra is not None:
-            state.update(json.loads(extra))
-        # state_dict() values usually share the parameters' memory; loading them back covers
-        # state_dict hooks that hand out copies, and extra state.
-        model.load_state_dict({k: v for k, v in state.items() if k not in missing}, strict=False)
-        return LoadResult(missing, unexpected)
+        with open_checkpoint(path) as ckpt:
+            return _load_model(ckpt, model, strict)
 
     return group.run(load, "loading")
+
+
+def _load_model(ckpt: Checkpoint, model: nn.Module, strict: bool) -> LoadResult:
+    state: dict[str, Any] = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    missing, unexpected, source = _check(ckpt, state, strict, _tied_groups(model))
+    _read(ckpt, state, source)
+    extra = ckpt.metadata.get(EXTRA_STATE_KEY)
+    if extra is not None:
+        state.update(json.loads(extra))
+    # state_dict() values usually share the parameters' memory; loading them back covers
+    # state_dict hooks that hand out copies, and extra state.
+    model.load_state_dict({k: v for k, v in state.items() if k not in missing}, strict=False)
+    return LoadResult(missing, unexpected)
