@@ -19,7 +19,7 @@ from torch import nn
 
 from .._dtypes import from_code
 from ..errors import CheckpointError, SerializationError
-from ..format._buffers import pread_into, tensor_bytes
+from ..storage.buffers import pread_into, tensor_bytes
 from ..nn import EXTRA_STATE_KEY, LoadResult
 from ..sharding.checkpoint import Checkpoint, open_checkpoint
 from ._comm import Group

@@ -30,7 +30,8 @@ import torch
 from .._dtypes import DTYPES, from_torch
 from ..dedup import TiedKeys, deduplicate
 from ..errors import SerializationError
-from ..format._buffers import tensor_bytes
+from ..storage._hints import delays_allocation, preallocate
+from ..storage.buffers import tensor_bytes
 from ..format.header import build_header, encode_prefix
 from ..sharding.index import index_filename
 from ..sharding.io import SaveResult, _cleanup, _commit, _committed_files, _file_metadata, _referenced
@@ -231,7 +232,11 @@ def _write(plan: _Plan, directory: str, rank: int, pieces: Mapping[str, tuple[to
             fds[fn] = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
         for fn in headed:
             size = len(plan.headers[fn]) + sum(_nbytes(plan, n) for n, f in plan.file_of.items() if f == fn)
-            os.ftruncate(fds[fn], size)  # the final length up front; other ranks fill in their bytes
+            # the final length up front (other ranks fill in their bytes); reserving the blocks
+            # reports a full disk before any byte is written
+            if delays_allocation(fds[fn]):
+                preallocate(fds[fn], size)
+            os.ftruncate(fds[fn], size)
             _pwrite(fds[fn], memoryview(plan.headers[fn]), 0)
         for w in mine:
             local, _ = pieces[w.name]
