@@ -19,9 +19,9 @@ from torch import nn
 
 from .._dtypes import from_code
 from ..errors import CheckpointError, SerializationError
-from ..storage.buffers import pread_into, tensor_bytes
 from ..nn import EXTRA_STATE_KEY, LoadResult
 from ..sharding.checkpoint import Checkpoint, open_checkpoint
+from ..storage.buffers import pread_into, tensor_bytes
 from ._comm import Group
 from ._layout import Box, is_dtensor, runs
 

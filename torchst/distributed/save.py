@@ -30,12 +30,12 @@ import torch
 from .._dtypes import DTYPES, from_torch
 from ..dedup import TiedKeys, deduplicate
 from ..errors import SerializationError
-from ..storage._hints import delays_allocation, preallocate
-from ..storage.buffers import tensor_bytes
 from ..format.header import build_header, encode_prefix
 from ..sharding.index import index_filename
 from ..sharding.io import SaveResult, _cleanup, _commit, _committed_files, _file_metadata, _referenced
 from ..sharding.plan import plan_shards
+from ..storage._hints import delays_allocation, preallocate
+from ..storage.buffers import tensor_bytes
 from ._comm import Group
 from ._layout import Box, box_numel, contains, local_box, overlaps, runs, split_box
 
