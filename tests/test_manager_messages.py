@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ import torch
 from torchst import CheckpointManager
 from torchst.errors import CheckpointError
 from torchst.manager import layout
+from torchst.manager import manager as manager_module
 from torchst.state.codec import RESERVED_NAMES, STATE_FILE
 
 
@@ -107,3 +111,50 @@ def test_restore_and_read_show_progress_when_asked(
     monkeypatch.setenv("TORCHST_PROGRESS", "0")
     mgr.restore({"model": torch.nn.Linear(3, 2)})
     assert capsys.readouterr().err == ""
+
+
+def test_save_shows_progress_when_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("tqdm")
+    monkeypatch.delenv("TORCHST_PROGRESS", raising=False)
+    mgr = CheckpointManager(tmp_path / "a", progress=True)
+    mgr.save(1, {"model": torch.nn.Linear(3, 2)})
+    assert "Saving step 1" in capsys.readouterr().err
+    mgr.save(2, {"model": torch.nn.Linear(3, 2)}, progress=False)
+    mgr.restore({"model": torch.nn.Linear(3, 2)}, progress=False)
+    assert capsys.readouterr().err == ""
+    quiet = CheckpointManager(tmp_path / "b", async_save=True)
+    monkeypatch.setenv("TORCHST_PROGRESS", "1")
+    quiet.save(1, {"model": torch.nn.Linear(3, 2)})  # the bar runs in the background writer
+    quiet.close()
+    assert "Saving step 1" in capsys.readouterr().err
+
+
+def test_the_save_bar_counts_every_byte_of_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bars: list[dict[str, Any]] = []
+
+    class Bar:
+        def __init__(self, record: dict[str, Any]) -> None:
+            self.record = record
+
+        def update(self, n: float = 1) -> None:
+            self.record["done"] += n
+
+        def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+            pass
+
+    @contextmanager
+    def recording(*, total: float | None, desc: str, enabled: bool | None = None, **kw: Any) -> Iterator[Bar]:
+        bars.append({"total": total, "desc": desc, "enabled": enabled, "done": 0})
+        yield Bar(bars[-1])
+
+    monkeypatch.setattr(manager_module, "progress_bar", recording)
+    mgr = CheckpointManager(tmp_path, progress=True)
+    mgr.save(7, {"model": torch.nn.Linear(300, 200), "extra": torch.ones(1000)})
+    mgr.restore({"model": torch.nn.Linear(300, 200)})
+    files = json.loads((tmp_path / "step_7" / "manifest.json").read_text())["files"]
+    size = sum(entry["size"] for entry in files.values())
+    save, restore = bars
+    assert save == {"total": size, "desc": "Saving step 7", "enabled": True, "done": size}
+    assert restore["desc"] == "Restoring step 7" and restore["total"] == size and restore["done"] == size

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .._progress import progress as progress_bar
+from .._progress import progress_enabled
 from ..errors import CheckpointError, CheckpointNotFoundError, SerializationError
 from ..format.writer import WritePlan
 from ..state import decode_state, encode_state, restore_state
@@ -58,6 +59,7 @@ _DEFAULT_KEEP_LAST = _DefaultKeepLast(DEFAULT_KEEP_LAST)
 class _Job:
     tree: dict[str, Json]
     plans: dict[str, WritePlan]
+    progress: bool  # show a bar while the files are written
 
 
 @atexit.register
@@ -98,6 +100,8 @@ class CheckpointManager:
     (a step survives if any policy keeps it; the newest always survives).  ``KeepBest`` ranks
     the ``metrics`` given to ``save()``: metrics lacking its metric are refused there.  ``async_save`` makes ``save()`` return after a host snapshot.
     A writer holds ``directory/.lock``; ``read_only=True`` only lists and restores, lock-free.
+    ``progress=True`` shows bars for saves and restores (None: the ``TORCHST_PROGRESS``
+    environment variable decides; each call may override it).
 
     ``restore`` checks every key, shape and dtype before it writes anything: on a mismatch it
     raises ``CheckpointError`` and every object is left as it was.  Close the manager (or use
@@ -117,12 +121,14 @@ class CheckpointManager:
         async_save: bool = False,
         save_rng: bool = True,
         read_only: bool = False,
+        progress: bool | None = None,
     ) -> None:
         self.directory = os.path.abspath(os.fspath(directory))
         self.retention = resolve_retention(keep_last, keep, keep_last_given=keep_last is not _DEFAULT_KEEP_LAST)
         self.async_save = async_save
         self.save_rng = save_rng
         self.read_only = read_only
+        self.progress = progress
         self._lock: DirectoryLock | None = None
         self._arena = HostArena()
         self._thread: threading.Thread | None = None
@@ -170,11 +176,20 @@ class CheckpointManager:
         return dict(value) if isinstance(value, dict) else {}
 
     # -- saving -------------------------------------------------------------------------
-    def save(self, step: int, state: Mapping[str, Any], *, metrics: Mapping[str, Any] | None = None) -> None:
+    def save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        progress: bool | None = None,
+    ) -> None:
         """Checkpoint ``state`` as ``step``; with ``async_save`` return once it is snapshotted.
 
         ``metrics`` (e.g. ``{"val_loss": 0.31}``) are stored in the manifest for ``KeepBest``.
         A failed background save is raised here (or by ``wait()``), never swallowed.
+        ``progress=True`` (default: the manager's ``progress``, else ``TORCHST_PROGRESS``)
+        shows a bar while the files are written.
 
         >>> mgr.save(step, {"model": model, "optim": opt}, metrics={"val_loss": loss})
         """
@@ -203,7 +218,7 @@ class CheckpointManager:
         plans = plan_files(enc.files)  # bad dtypes, meta tensors... are raised here, not in the background
         if self.async_save:
             plans = plan_files(self._arena.snapshot(enc.files))
-        job = _Job(enc.tree, plans)
+        job = _Job(enc.tree, plans, self._progress(progress))
         if not self.async_save:
             self._write(step, job, metrics_tree, dict(metrics or {}))
             return
@@ -244,7 +259,11 @@ class CheckpointManager:
 
     def _write(self, step: int, job: _Job, metrics_tree: Json, metrics: dict[str, Any]) -> None:
         earlier = self.steps()
-        aside = write_step(self.directory, step, job.plans, job.tree, metrics_tree, earlier=earlier)
+        total = sum(plan.total_size for plan in job.plans.values())
+        with progress_bar(total=total, desc=f"Saving step {step}", enabled=job.progress) as bar:
+            aside = write_step(
+                self.directory, step, job.plans, job.tree, metrics_tree, earlier=earlier, on_bytes=bar.update
+            )
         self._metrics[step] = metrics
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)  # the step's previous copy, replaced and now unused
@@ -349,9 +368,14 @@ class CheckpointManager:
             except RecursionError:
                 raise CheckpointError(f"{opened.path}: the state tree nests too deeply to read") from None
 
+    def _progress(self, asked: bool | None) -> bool:
+        return progress_enabled(asked if asked is not None else self.progress)
+
     @contextmanager
     def _bar(self, opened: OpenStep, enabled: bool | None, verb: str) -> Iterator[FileReader]:
-        with progress_bar(total=opened.nbytes, desc=f"{verb} step {opened.step}", enabled=enabled) as bar:
+        with progress_bar(
+            total=opened.nbytes, desc=f"{verb} step {opened.step}", enabled=self._progress(enabled)
+        ) as bar:
 
             def read(rel: str) -> tuple[Mapping[str, torch.Tensor], Mapping[str, str]]:
                 first = rel not in opened._cache

@@ -102,7 +102,9 @@ class KeepEvery(RetentionPolicy):
 class KeepBest(RetentionPolicy):
     """Keep the ``n`` steps with the best value of ``metric`` (``mode="min"`` or ``"max"``).
 
-    Steps saved without the metric, or with NaN, are never "best".
+    Steps saved without the metric, or with NaN, are never "best".  ``CheckpointManager.save``
+    refuses ``metrics`` that lack it (a typo would silently rank nothing) and logs a warning
+    for steps saved with no metrics at all; those are kept only by the other policies.
 
     >>> KeepBest(1, "loss").keep([StepInfo(1, {"loss": 0.5}), StepInfo(2, {"loss": 0.7})])
     {1}

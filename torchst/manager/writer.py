@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from ..errors import CheckpointError
 from ..format.writer import WritePlan, plan_write, write_tensors
@@ -22,12 +22,12 @@ def plan_files(files: Mapping[str, FileSpec]) -> dict[str, WritePlan]:
     return {rel: plan_write(spec.tensors, spec.metadata) for rel, spec in files.items()}
 
 
-def _write_file(path: str, plan: WritePlan) -> int:
+def _write_file(path: str, plan: WritePlan, on_bytes: Callable[[int], object] | None = None) -> int:
     # Durable before the step commits; writeback overlaps the page-cache copy with the disk write,
     # and the durable pages are dropped so a multi-GB checkpoint does not push the training
     # process's working set out of memory.
     with open_output(path, size=plan.total_size, fsync=True, replace=False, writeback=True, drop_cache=True) as f:
-        write_tensors(f, plan)
+        write_tensors(f, plan, on_bytes=on_bytes)
     return plan.total_size
 
 
@@ -39,8 +39,11 @@ def write_step(
     metrics: Json,
     *,
     earlier: list[int],
+    on_bytes: Callable[[int], object] | None = None,
 ) -> str | None:
     """Write and commit ``step``; returns an older copy moved aside (see ``layout.commit``).
+
+    ``on_bytes(n)`` is called as the files' bytes go out (progress bars).
 
     On any failure the temporary directory is removed and earlier steps are untouched.
     """
@@ -55,7 +58,7 @@ def write_step(
             if parent != temp and parent not in subdirs:
                 os.makedirs(parent)
                 subdirs.add(parent)
-            sizes[rel] = {"size": _write_file(path, plan)}
+            sizes[rel] = {"size": _write_file(path, plan, on_bytes)}
         for sub in subdirs:
             fsync_dir(sub)
         manifest: dict[str, Json] = {
