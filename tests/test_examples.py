@@ -20,6 +20,10 @@ EXPECTED = {
         "truncated file refused: FileSizeError",
     ],
     "pretrained_sharded.py": ["identical logits: True", "lm_head still tied to embed: True"],
+    "fsdp_checkpoint.py": [
+        "resumed on 1 rank: missing=[] unexpected=[]; weights identical = True",
+        "from_pretrained on the FSDP2 checkpoint: identical logits: True",
+    ],
     "train_resume.py": ["final weights identical to an uninterrupted run = True"],
 }
 
