@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import MIB, emit, median, peak_rss_mib, reset_peak_rss, rss_mib  # noqa: E402
+from _common import MIB, emit, median, peak_rss_mib, reset_peak_rss, rss_mib
 
 SCRIPT = os.path.abspath(__file__)
 DIM = 2048
