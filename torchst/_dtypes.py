@@ -1,31 +1,46 @@
 """THE dtype table: safetensors code <-> torch dtype <-> bit size <-> write order.
 
 One row per code; every other module asks this table instead of keeping its own.
+Importing it does not import torch (header-only tools such as ``torchst inspect`` start
+without it): the torch side of each row is looked up on first use.
 ``rank`` is the reference writer's ordering (tensors are written by descending rank,
 then by name), which is what makes our files byte-identical to safetensors'.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 from .errors import DtypeError, UnsupportedDtypeError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DTYPES", "DType", "from_code", "from_torch", "nbytes_for"]
 
 
 @dataclass(frozen=True)
 class DType:
-    """One safetensors dtype: its header code, width in bits, torch dtype (None if absent)."""
+    """One safetensors dtype: its header code, width in bits, torch dtype (None if absent).
+
+    >>> from_code("BF16").bits
+    16
+    """
 
     code: str
     bits: int
     rank: int
-    torch_dtype: torch.dtype | None
+    # name of the torch dtype attribute ("" when torch has none); resolved by ``torch_dtype``
+    torch_name: str = field(default="", repr=False)
     # torch elements per stored element group: float4_e2m1fn_x2 packs 2 logical values
     pack: int = 1
+
+    @cached_property  # after the first use, a plain attribute read (the reader's hot path)
+    def torch_dtype(self) -> torch.dtype | None:
+        """The torch dtype, or None when this torch has no such dtype (imports torch)."""
+        return _torch_table()[0][self.code]
 
     @property
     def itemsize(self) -> int:
@@ -33,17 +48,15 @@ class DType:
         return self.bits * self.pack // 8
 
     def require_torch(self, where: str) -> torch.dtype:
-        if self.torch_dtype is None:
+        dt = self.torch_dtype
+        if dt is None:
+            import torch
+
             raise UnsupportedDtypeError(
                 f"{where}: dtype {self.code} has no torch equivalent in torch {torch.__version__}; "
                 "the file is valid and can be inspected, but this tensor cannot be loaded"
             )
-        return self.torch_dtype
-
-
-def _t(name: str) -> torch.dtype | None:
-    dt = getattr(torch, name, None)
-    return dt if isinstance(dt, torch.dtype) else None
+        return dt
 
 
 # (code, bits, torch dtype name, pack), listed in the reference's ascending sort rank.
@@ -73,10 +86,24 @@ _ROWS: tuple[tuple[str, int, str, int], ...] = (
 )
 
 DTYPES: dict[str, DType] = {
-    code: DType(code, bits, rank, _t(tname) if tname else None, pack)
-    for rank, (code, bits, tname, pack) in enumerate(_ROWS)
+    code: DType(code, bits, rank, tname, pack) for rank, (code, bits, tname, pack) in enumerate(_ROWS)
 }
-_BY_TORCH: dict[torch.dtype, DType] = {d.torch_dtype: d for d in DTYPES.values() if d.torch_dtype is not None}
+_TORCH: tuple[dict[str, torch.dtype | None], dict[torch.dtype, DType]] | None = None
+
+
+def _torch_table() -> tuple[dict[str, torch.dtype | None], dict[torch.dtype, DType]]:
+    # Built once, on the first question that needs torch.
+    global _TORCH
+    if _TORCH is None:
+        import torch
+
+        by_code: dict[str, torch.dtype | None] = {}
+        for row in DTYPES.values():
+            dt = getattr(torch, row.torch_name, None) if row.torch_name else None
+            by_code[row.code] = dt if isinstance(dt, torch.dtype) else None
+        by_torch = {dt: DTYPES[code] for code, dt in by_code.items() if dt is not None}
+        _TORCH = (by_code, by_torch)
+    return _TORCH
 
 
 def from_code(code: object, where: str = "header") -> DType:
@@ -89,11 +116,10 @@ def from_code(code: object, where: str = "header") -> DType:
 
 def from_torch(dtype: torch.dtype, where: str = "tensor") -> DType:
     """The table row for a torch dtype; UnsupportedDtypeError if safetensors has no code for it."""
-    row = _BY_TORCH.get(dtype)
+    row = _torch_table()[1].get(dtype)
     if row is None:
         raise UnsupportedDtypeError(
-            f"{where}: torch dtype {dtype} has no safetensors code; "
-            f"cast it (e.g. .to(torch.float32)) before saving"
+            f"{where}: torch dtype {dtype} has no safetensors code; cast it (e.g. .to(torch.float32)) before saving"
         )
     return row
 

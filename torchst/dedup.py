@@ -18,10 +18,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
+from ._aliases import ALIASES_KEY, aliases_from_metadata
+from ._aliases import check_aliases as _check_aliases
 from .errors import FormatError, SerializationError, SharedTensorError, TensorNotFoundError
 from .format.writer import find_shared_tensors
 
@@ -34,11 +36,6 @@ __all__ = [
     "expand_aliases",
     "is_complete",
 ]
-
-# The authoritative alias record.  The plain ``{alias: kept}`` entries written beside it are
-# what safetensors.torch.save_model writes, but in a file written by someone else they cannot
-# be told apart from ordinary metadata such as ``{"format": "pt"}``; this key can.
-ALIASES_KEY = "torchst.aliases"
 
 TiedKeys = Mapping[str, str] | Iterable[str]
 
@@ -169,52 +166,6 @@ def alias_metadata(aliases: Mapping[str, str]) -> dict[str, str]:
     out = dict(clean)
     out[ALIASES_KEY] = json.dumps(clean, separators=(",", ":"), ensure_ascii=False)
     return out
-
-
-def _check_aliases(aliases: Mapping[Any, Any], where: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for alias, kept in aliases.items():
-        if not isinstance(alias, str) or not isinstance(kept, str):
-            raise FormatError(f"{where}: alias entries must map str -> str, found {alias!r}: {kept!r}")
-        if alias == kept:
-            raise FormatError(f"{where}: {alias!r} is recorded as an alias of itself")
-        out[alias] = kept
-    for alias, kept in out.items():
-        if kept in out:
-            raise FormatError(
-                f"{where}: {alias!r} is an alias of {kept!r}, which is itself an alias of {out[kept]!r}; "
-                "aliases must name a stored tensor"
-            )
-    return out
-
-
-def aliases_from_metadata(
-    metadata: Mapping[str, str] | None, *, names: Collection[str] | None = None
-) -> dict[str, str]:
-    """The ``{alias: kept}`` mapping recorded in a file's metadata (empty when none).
-
-    Files written by torchst carry an explicit record.  For files written by
-    ``safetensors.torch.save_model`` pass the file's tensor ``names``: entries whose value is a
-    stored tensor and whose key is not are then read as aliases.
-
-    >>> aliases_from_metadata({"format": "pt", "lm_head.weight": "embed.weight"}, names=["embed.weight"])
-    {'lm_head.weight': 'embed.weight'}
-    """
-    if not metadata:
-        return {}
-    raw = metadata.get(ALIASES_KEY)
-    if raw is not None:
-        try:
-            parsed = json.loads(raw)
-        except (TypeError, json.JSONDecodeError) as e:
-            raise FormatError(f"metadata {ALIASES_KEY!r} is not valid JSON ({e}): {str(raw)[:80]!r}") from None
-        if not isinstance(parsed, dict):
-            raise FormatError(f"metadata {ALIASES_KEY!r} must be a JSON object, found {type(parsed).__name__}")
-        return _check_aliases(parsed, f"metadata {ALIASES_KEY!r}")
-    if names is None:
-        return {}
-    stored = set(names)
-    return {k: v for k, v in sorted(metadata.items()) if k not in stored and v in stored}
 
 
 def expand_aliases(tensors: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:

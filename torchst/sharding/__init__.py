@@ -1,11 +1,24 @@
-"""Sharded checkpoints: a torch-free planner, the Hugging Face index, crash-safe directory I/O."""
+"""Sharded checkpoints: a torch-free planner, the Hugging Face index, crash-safe directory I/O.
+
+The planner and the index need no torch; the directory I/O (which does) is imported on first use.
+"""
 
 from __future__ import annotations
 
-from .checkpoint import OPEN_ATTEMPTS, Checkpoint, load_state_dict, open_checkpoint
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .index import INDEX_SUFFIX, ShardIndex, index_filename, read_index
-from .io import SaveResult, save_state_dict
 from .plan import SINGLE_FILE, ShardPlan, check_shard_name, parse_size, plan_shards, shard_filename
+
+if TYPE_CHECKING:
+    from .checkpoint import OPEN_ATTEMPTS, Checkpoint, load_state_dict, open_checkpoint
+    from .io import SaveResult, save_state_dict
+
+_LAZY = {
+    **dict.fromkeys(("OPEN_ATTEMPTS", "Checkpoint", "load_state_dict", "open_checkpoint"), ".checkpoint"),
+    **dict.fromkeys(("SaveResult", "save_state_dict"), ".io"),
+}
 
 __all__ = [
     "INDEX_SUFFIX",
@@ -25,3 +38,16 @@ __all__ = [
     "save_state_dict",
     "shard_filename",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
