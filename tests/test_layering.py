@@ -16,6 +16,7 @@ ROOT = Path(torchst.__file__).parent
 RANKS = {
     "errors": 0,
     "_dtypes": 1,
+    "_aliases": 1,
     "_progress": 1,
     "storage": 1,
     "format": 2,
@@ -28,9 +29,11 @@ RANKS = {
     "manager": 7,
     "integrations": 8,
     "compat": 8,
-    "cli": 9,
-    "__init__": 10,
-    "__main__": 11,
+    "resolve": 8,
+    "convert": 9,
+    "cli": 10,
+    "__init__": 11,
+    "__main__": 12,
 }
 
 

@@ -1,0 +1,367 @@
+"""What is at this path: one answer for every layout torchst writes or reads, without torch.
+
+A path is one of four layouts, each made of labelled *parts* (one safetensors checkpoint each:
+a file, or shards plus an index):
+
+- ``file``: one ``.safetensors`` file (one unlabelled part);
+- ``sharded``: a checkpoint directory or an ``*.index.json`` (one unlabelled part);
+- ``step``: a ``CheckpointManager`` step (``manifest.json``): one part per file of the manifest,
+  labelled ``model`` (weights of the module saved under that key) or ``state`` (optimizer, RNG
+  and other training state);
+- ``run``: a ``CheckpointManager`` directory: the parts of every committed step, labelled
+  ``step_20/model``, ``step_20/state``, ...
+
+Every header is parsed and validated, shard indexes and manifests are checked against the files,
+and no tensor byte is read.  Nothing here imports torch, so header-only tools start fast.
+
+>>> layout = resolve("runs/exp1")
+>>> layout.kind, [p.label for p in layout.parts]
+('run', ['step_10/model', 'step_10/state', 'step_20/model', 'step_20/state'])
+>>> layout.parts[0].tensors["fc.weight"].info.shape
+(4, 3)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+from ._aliases import ALIASES_KEY, aliases_from_metadata
+from ._progress import progress as _progress
+from .errors import CheckpointError, CheckpointNotFoundError, FormatError, ShardIndexError
+from .format.header import Header, TensorInfo, parse_header, read_header_length
+from .sharding.index import INDEX_SUFFIX, ShardIndex, index_filename, read_index
+from .sharding.plan import SINGLE_FILE
+
+__all__ = [
+    "Layout",
+    "Part",
+    "StoredTensor",
+    "committed_steps",
+    "read_header",
+    "resolve",
+    "sniff",
+    "step_layout",
+    "user_metadata",
+]
+
+# The CheckpointManager's on-disk names (torchst/manager/layout.py; a test keeps them equal).
+# Repeated here because importing the manager package imports torch.
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "torchst.checkpoint"
+STATE_FILE = "state.safetensors"
+_STEP = re.compile(r"^step_(\d+)$")
+_LEGACY_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+Kind = Literal["file", "sharded", "step", "run"]
+
+
+class StoredTensor(NamedTuple):
+    """Where a tensor's bytes are: its file, the file offset of the data section, its header entry."""
+
+    file: str
+    data_start: int
+    info: TensorInfo
+
+    @property
+    def offset(self) -> int:
+        """Absolute file offset of the tensor's first byte."""
+        return self.data_start + self.info.begin
+
+
+@dataclass(frozen=True)
+class Part:
+    """One safetensors checkpoint inside a layout (a file, or shards plus an index).
+
+    ``label`` is ``""`` for a lone checkpoint, ``"model"``/``"state"`` inside a manager step and
+    ``"step_20/model"`` inside a run; ``role`` says what it holds (``"weights"`` or ``"state"``).
+    """
+
+    label: str
+    role: str
+    source: str
+    files: tuple[str, ...]
+    tensors: dict[str, StoredTensor]
+    aliases: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, dict[str, str]] = field(default_factory=dict)  # file -> its __metadata__
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.info.nbytes for t in self.tensors.values())
+
+    def lookup(self, name: str) -> StoredTensor | None:
+        """The stored tensor behind ``name``, following an alias; None when the part has neither."""
+        return self.tensors.get(self.aliases.get(name, name))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a path holds: its kind, its labelled parts, and for runs the committed steps."""
+
+    kind: Kind
+    path: str
+    parts: tuple[Part, ...]
+    steps: tuple[int, ...] = ()
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return tuple(f for p in self.parts for f in p.files)
+
+
+def sniff(path: str) -> str:
+    """``"safetensors"``, ``"torch-zip"`` (torch.save), ``"torch-pickle"`` (legacy torch.save) or ``"unknown"``.
+
+    Decided by the first bytes, never by the extension.
+
+    >>> sniff("pytorch_model.bin")
+    'torch-zip'
+    """
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle PROTO opcode
+        return "torch-pickle"
+    if len(head) >= 9 and head[8:9] == b"{":
+        n = int.from_bytes(head[:8], "little")
+        if n <= os.path.getsize(path) - 8:
+            return "safetensors"
+    return "unknown"
+
+
+def _not_safetensors(path: str) -> FormatError | None:
+    kind = sniff(path)
+    if kind.startswith("torch"):
+        return FormatError(
+            f"{path}: this is a torch.save checkpoint ({kind}), not safetensors; convert it with "
+            f"`torchst convert {path} OUT` (loads with torch.load(weights_only=True), no pickled code runs)"
+        )
+    return None
+
+
+def read_header(path: str) -> Header:
+    """The validated header of one ``.safetensors`` file (reads the header bytes only, no torch).
+
+    >>> read_header("model.safetensors").tensors["embed.weight"].dtype
+    'BF16'
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            n = read_header_length(os.pread(fd, 8, 0), source=path, file_size=size)
+            return parse_header(os.pread(fd, n, 8), source=path, data_size=size - 8 - n)
+        except FormatError as e:
+            legacy = _not_safetensors(path)
+            if legacy is None:
+                raise
+            raise legacy from e
+    finally:
+        os.close(fd)
+
+
+def committed_steps(directory: str) -> list[int]:
+    """Sorted steps of a manager directory that were committed (``step_<n>/manifest.json``)."""
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(
+        int(m.group(1))
+        for m in map(_STEP.match, names)
+        if m and os.path.isfile(os.path.join(directory, m.group(0), MANIFEST))
+    )
+
+
+# -- planning: which files make up which part (cheap: directory listings, indexes, manifests) --
+
+
+@dataclass
+class _Plan:
+    label: str
+    role: str
+    source: str
+    files: list[str]
+    index: ShardIndex | None = None
+    index_path: str | None = None
+
+
+def _checkpoint_plan(path: str, label: str = "", role: str = "weights") -> _Plan:
+    """The files of a checkpoint: a file, an ``*.index.json``, or a directory holding either."""
+    if os.path.isfile(path):
+        if path.endswith(".index.json"):
+            return _index_plan(path, label, role)
+        return _Plan(label, role, path, [path])
+    index = os.path.join(path, index_filename())
+    if os.path.isfile(index):
+        return _index_plan(index, label, role, source=path)
+    single = os.path.join(path, SINGLE_FILE)
+    if os.path.isfile(single):
+        return _Plan(label, role, path, [single])
+    entries = sorted(e for e in os.listdir(path) if not e.startswith("."))
+    indexes = [e for e in entries if e.endswith(INDEX_SUFFIX)]
+    files = [e for e in entries if e.endswith(".safetensors")]
+    if len(indexes) == 1:
+        return _index_plan(os.path.join(path, indexes[0]), label, role, source=path)
+    if not indexes and len(files) == 1:
+        return _Plan(label, role, path, [os.path.join(path, files[0])])
+    legacy = [e for e in entries if e in _LEGACY_NAMES or re.match(r"^pytorch_model-\d+-of-\d+\.bin$", e)]
+    if legacy and not indexes and not files:
+        raise CheckpointNotFoundError(
+            f"{path}: holds a torch.save checkpoint ({legacy[0]}), not safetensors; convert it with "
+            f"`torchst convert {path} OUT` (torch.load(weights_only=True), no pickled code runs)"
+        )
+    raise CheckpointNotFoundError(
+        f"{path}: found no checkpoint (expected {index_filename()}, {SINGLE_FILE}, a CheckpointManager "
+        f"step with {MANIFEST} or a directory of step_<n> folders; found {len(indexes)} index file(s) and "
+        f"{len(files)} .safetensors file(s): {(indexes + files)[:6]}); pass the path of the file or index"
+    )
+
+
+def _index_plan(index_path: str, label: str, role: str, source: str | None = None) -> _Plan:
+    index = read_index(index_path)
+    directory = os.path.dirname(index_path)
+    files = []
+    for fn in index.filenames:
+        shard = os.path.join(directory, fn)
+        if not os.path.isfile(shard):
+            expected = [n for n, f in index.weight_map.items() if f == fn]
+            raise ShardIndexError(
+                f"{index_path}: shard {fn!r} (holding {len(expected)} tensor(s), e.g. {expected[0]!r}) is missing "
+                f"from {directory or '.'}; the download or copy is incomplete"
+            )
+        files.append(shard)
+    return _Plan(label, role, source or index_path, files, index, index_path)
+
+
+def _read_manifest(step_path: str) -> dict[str, Any]:
+    path = os.path.join(step_path, MANIFEST)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        manifest = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: manifest is not valid JSON ({e}); the step is damaged") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise CheckpointError(f"{path}: not a torchst checkpoint manifest (expected format {MANIFEST_FORMAT!r})")
+    if not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{path}: manifest has no 'files' table; the step is damaged")
+    m = _STEP.match(os.path.basename(os.path.normpath(step_path)))
+    if m and manifest.get("step") != int(m.group(1)):
+        raise CheckpointError(f"{path}: manifest describes step {manifest.get('step')!r}, not step {m.group(1)}")
+    return manifest
+
+
+def _step_plans(step_path: str, prefix: str = "") -> list[_Plan]:
+    """One plan per file the manifest lists, after checking that each exists with its recorded size."""
+    manifest = _read_manifest(step_path)
+    base = os.path.normpath(step_path)
+    plans = []
+    for rel, entry in sorted(manifest["files"].items(), key=lambda kv: (kv[0] == STATE_FILE, kv[0])):
+        path = os.path.normpath(os.path.join(base, rel))
+        if not isinstance(entry, dict) or not path.startswith(base + os.sep):
+            raise CheckpointError(f"{base}: manifest lists an invalid file {rel!r}; the step is damaged")
+        try:
+            size = os.path.getsize(path)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: listed in the manifest but missing; the step is damaged") from None
+        if size != entry.get("size"):
+            raise CheckpointError(
+                f"{path}: {size:,} bytes but the manifest says {entry.get('size')!r}; the step is damaged"
+            )
+        if rel == STATE_FILE:
+            label, role = "state", "state"
+        else:
+            label, role = (os.path.dirname(rel) or rel.removesuffix(".safetensors")), "weights"
+        plans.append(_Plan(prefix + label, role, path, [path]))
+    return plans
+
+
+# -- reading headers --------------------------------------------------------------------------
+
+
+def _part(plan: _Plan, headers: dict[str, Header]) -> Part:
+    tensors: dict[str, StoredTensor] = {}
+    metadata: dict[str, dict[str, str]] = {}
+    if plan.index is None:
+        (path,) = plan.files
+        h = headers[path]
+        tensors = {n: StoredTensor(path, h.data_start, info) for n, info in h.tensors.items()}
+        metadata[path] = dict(h.metadata or {})
+        records = [metadata[path]]
+    else:
+        assert plan.index_path is not None
+        records = [{k: v for k, v in plan.index.metadata.items() if isinstance(v, str)}]
+        for path in plan.files:
+            h = headers[path]
+            fn = os.path.basename(path)
+            expected = [n for n, f in plan.index.weight_map.items() if f == fn]
+            absent = [n for n in expected if n not in h.tensors]
+            if absent:
+                raise ShardIndexError(
+                    f"{plan.index_path}: the index puts {absent[:5]} in {fn!r}, but that shard does not contain "
+                    f"{'them' if len(absent) > 1 else 'it'}; the index and the shards come from different saves"
+                )
+            metadata[path] = dict(h.metadata or {})
+            records.append(metadata[path])
+            tensors.update((n, StoredTensor(path, h.data_start, h.tensors[n])) for n in expected)
+    aliases: dict[str, str] = {}
+    for md in records:
+        aliases.update(aliases_from_metadata(md, names=tensors))
+    for alias, kept in aliases.items():
+        if kept not in tensors:
+            raise ShardIndexError(f"{plan.source}: alias {alias!r} refers to {kept!r}, which no file stores")
+        if alias in tensors:
+            raise ShardIndexError(f"{plan.source}: {alias!r} is recorded as an alias of {kept!r} but is also stored")
+    return Part(plan.label, plan.role, plan.source, tuple(plan.files), tensors, dict(sorted(aliases.items())), metadata)
+
+
+def user_metadata(md: dict[str, str]) -> dict[str, str]:
+    """A file's metadata without the alias record (what the user wrote)."""
+    recorded = aliases_from_metadata(md)
+    return {k: v for k, v in md.items() if k != ALIASES_KEY and recorded.get(k) != v}
+
+
+def _read_parts(plans: list[_Plan], progress: bool | None) -> Iterator[Part]:
+    files = [f for p in plans for f in p.files]
+    headers: dict[str, Header] = {}
+    with _progress(total=len(files), desc="Reading headers", unit="file", enabled=progress) as bar:
+        for plan in plans:
+            for f in plan.files:
+                headers[f] = read_header(f)
+                bar.update(1)
+            yield _part(plan, headers)
+
+
+def resolve(path: str | os.PathLike[str], *, progress: bool | None = None) -> Layout:
+    """Find and validate what ``path`` holds (see the module docstring); reads headers only.
+
+    Raises ``CheckpointNotFoundError`` when nothing torchst can read is there, ``FormatError`` /
+    ``ShardIndexError`` / ``CheckpointError`` for a damaged checkpoint, ``OSError`` as the OS reports it.
+
+    >>> resolve("runs/exp1/step_20").kind
+    'step'
+    """
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise CheckpointNotFoundError(f"{p}: no such file or directory")
+    if os.path.isdir(p) and os.path.isfile(os.path.join(p, MANIFEST)):
+        return Layout("step", p, tuple(_read_parts(_step_plans(p), progress)))
+    if os.path.isdir(p):
+        steps = committed_steps(p)
+        if steps:
+            plans = [pl for s in steps for pl in _step_plans(os.path.join(p, f"step_{s}"), f"step_{s}/")]
+            return Layout("run", p, tuple(_read_parts(plans, progress)), tuple(steps))
+    plan = _checkpoint_plan(p)
+    kind: Kind = "file" if plan.index is None else "sharded"
+    return Layout(kind, p, tuple(_read_parts([plan], progress)))
+
+
+def step_layout(directory: str, step: int, *, progress: bool | None = None) -> Layout:
+    """The layout of one committed step of a manager directory (for per-step checks of a run)."""
+    path = os.path.join(directory, f"step_{step}")
+    return Layout("step", path, tuple(_read_parts(_step_plans(path, f"step_{step}/"), progress)))
