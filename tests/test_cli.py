@@ -85,9 +85,9 @@ def test_verify_full_and_corrupt_files(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["verify", str(p), "--full"]) == 0
     assert "OK: 1 tensors in 1 file(s)" in capsys.readouterr().out
     p.write_bytes(p.read_bytes()[:-4])
-    assert main(["verify", str(p)]) == 2
-    err = capsys.readouterr().err
-    assert "FileSizeError" not in err and "truncated" in err and str(p) in err
+    assert main(["verify", str(p)]) == 1  # corruption found
+    out = capsys.readouterr().out
+    assert out.startswith("CORRUPT: ") and "FileSizeError" not in out and "truncated" in out and str(p) in out
 
 
 def test_verify_reports_a_missing_shard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -96,8 +96,10 @@ def test_verify_reports_a_missing_shard(tmp_path: Path, capsys: pytest.CaptureFi
     shards = sorted((tmp_path / "ck").glob("model-*.safetensors"))
     assert len(shards) > 1
     shards[-1].unlink()
-    assert main(["verify", str(tmp_path / "ck")]) == 2
-    assert shards[-1].name in capsys.readouterr().err
+    assert main(["verify", str(tmp_path / "ck")]) == 1
+    assert shards[-1].name in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "nothing")]) == 2  # nothing there: unreadable input, not corruption
+    assert "no such file or directory" in capsys.readouterr().err
 
 
 def test_diff_exit_codes_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -117,7 +119,9 @@ def test_diff_exit_codes_and_report(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_console_script_and_module_entry_point(tmp_path: Path) -> None:
     p = tmp_path / "x.safetensors"
     torchst.save_file({"a": torch.ones(1)}, p)
-    out = subprocess.run([sys.executable, "-m", "torchst", "verify", str(p)], capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "torchst", "verify", str(p)], capture_output=True, text=True, check=False
+    )
     assert out.returncode == 0 and "OK: 1 tensors" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "torchst", "frobnicate"], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
