@@ -66,12 +66,21 @@ def test_resolver_agrees_with_open_checkpoint(tmp_path: Path) -> None:
         }
 
 
-def test_manifest_names_match_the_manager() -> None:
+def test_state_file_name_matches_the_state_codec() -> None:
     from torchst import resolve as r
-    from torchst.manager import layout
     from torchst.state import STATE_FILE
 
-    assert (r.MANIFEST, r.MANIFEST_FORMAT, r.STATE_FILE) == (layout.MANIFEST, layout.FORMAT, STATE_FILE)
+    assert r._STATE_FILE == STATE_FILE
+
+
+def test_a_step_being_resaved_is_read_from_its_previous_copy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = _run(tmp_path)
+    (run / "step_20").rename(run / ".replaced-step_20-0123456789ab")  # a fallback re-save in between its renames
+    assert resolve(run).steps == (15, 20)
+    assert main(["verify", str(run)]) == 0
+    assert "step_20: OK" in capsys.readouterr().out
 
 
 def test_inspect_step_labels_weights_and_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -34,6 +34,7 @@ from ._aliases import ALIASES_KEY, aliases_from_metadata
 from ._progress import progress as _progress
 from .errors import CheckpointError, CheckpointNotFoundError, FormatError, ShardIndexError
 from .format.header import Header, TensorInfo, parse_header, read_header_length
+from .manager.layout import MANIFEST, committed_steps, parse_manifest, step_location
 from .sharding.index import INDEX_SUFFIX, ShardIndex, index_filename, read_index
 from .sharding.plan import SINGLE_FILE
 
@@ -49,12 +50,8 @@ __all__ = [
     "user_metadata",
 ]
 
-# The CheckpointManager's on-disk names (torchst/manager/layout.py; a test keeps them equal).
-# Repeated here because importing the manager package imports torch.
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "torchst.checkpoint"
-STATE_FILE = "state.safetensors"
 _STEP = re.compile(r"^step_(\d+)$")
+_STATE_FILE = "state.safetensors"  # torchst.state.STATE_FILE (that package imports torch)
 _LEGACY_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 Kind = Literal["file", "sharded", "step", "run"]
@@ -164,19 +161,6 @@ def read_header(path: str) -> Header:
         os.close(fd)
 
 
-def committed_steps(directory: str) -> list[int]:
-    """Sorted steps of a manager directory that were committed (``step_<n>/manifest.json``)."""
-    try:
-        names = os.listdir(directory)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return sorted(
-        int(m.group(1))
-        for m in map(_STEP.match, names)
-        if m and os.path.isfile(os.path.join(directory, m.group(0), MANIFEST))
-    )
-
-
 # -- planning: which files make up which part (cheap: directory listings, indexes, manifests) --
 
 
@@ -242,18 +226,16 @@ def _read_manifest(step_path: str) -> dict[str, Any]:
     path = os.path.join(step_path, MANIFEST)
     with open(path, "rb") as f:
         raw = f.read()
-    try:
-        manifest = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: manifest is not valid JSON ({e}); the step is damaged") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise CheckpointError(f"{path}: not a torchst checkpoint manifest (expected format {MANIFEST_FORMAT!r})")
-    if not isinstance(manifest.get("files"), dict):
-        raise CheckpointError(f"{path}: manifest has no 'files' table; the step is damaged")
     m = _STEP.match(os.path.basename(os.path.normpath(step_path)))
-    if m and manifest.get("step") != int(m.group(1)):
-        raise CheckpointError(f"{path}: manifest describes step {manifest.get('step')!r}, not step {m.group(1)}")
-    return manifest
+    if m:
+        step = int(m.group(1))
+    else:  # a step directory copied under another name (or a replaced copy): trust its manifest's number
+        try:
+            found = json.loads(raw).get("step")
+        except (ValueError, AttributeError, RecursionError):
+            found = None
+        step = found if isinstance(found, int) else -1
+    return parse_manifest(raw, path, step)
 
 
 def _step_plans(step_path: str, prefix: str = "") -> list[_Plan]:
@@ -261,7 +243,7 @@ def _step_plans(step_path: str, prefix: str = "") -> list[_Plan]:
     manifest = _read_manifest(step_path)
     base = os.path.normpath(step_path)
     plans = []
-    for rel, entry in sorted(manifest["files"].items(), key=lambda kv: (kv[0] == STATE_FILE, kv[0])):
+    for rel, entry in sorted(manifest["files"].items(), key=lambda kv: (kv[0] == _STATE_FILE, kv[0])):
         path = os.path.normpath(os.path.join(base, rel))
         if not isinstance(entry, dict) or not path.startswith(base + os.sep):
             raise CheckpointError(f"{base}: manifest lists an invalid file {rel!r}; the step is damaged")
@@ -273,7 +255,7 @@ def _step_plans(step_path: str, prefix: str = "") -> list[_Plan]:
             raise CheckpointError(
                 f"{path}: {size:,} bytes but the manifest says {entry.get('size')!r}; the step is damaged"
             )
-        if rel == STATE_FILE:
+        if rel == _STATE_FILE:
             label, role = "state", "state"
         else:
             label, role = (os.path.dirname(rel) or rel.removesuffix(".safetensors")), "weights"
@@ -354,7 +336,7 @@ def resolve(path: str | os.PathLike[str], *, progress: bool | None = None) -> La
     if os.path.isdir(p):
         steps = committed_steps(p)
         if steps:
-            plans = [pl for s in steps for pl in _step_plans(os.path.join(p, f"step_{s}"), f"step_{s}/")]
+            plans = [pl for s in steps for pl in _step_plans(_located(p, s), f"step_{s}/")]
             return Layout("run", p, tuple(_read_parts(plans, progress)), tuple(steps))
     plan = _checkpoint_plan(p)
     kind: Kind = "file" if plan.index is None else "sharded"
@@ -363,5 +345,13 @@ def resolve(path: str | os.PathLike[str], *, progress: bool | None = None) -> La
 
 def step_layout(directory: str, step: int, *, progress: bool | None = None) -> Layout:
     """The layout of one committed step of a manager directory (for per-step checks of a run)."""
-    path = os.path.join(directory, f"step_{step}")
+    path = _located(directory, step)
     return Layout("step", path, tuple(_read_parts(_step_plans(path, f"step_{step}/"), progress)))
+
+
+def _located(directory: str, step: int) -> str:
+    # step_<n>, or the previous copy while step <n> is being re-saved (see manager/layout.py)
+    location = step_location(directory, step)
+    if location is None:
+        raise CheckpointNotFoundError(f"{directory}: step {step} is not a committed checkpoint")
+    return location

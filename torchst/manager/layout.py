@@ -46,8 +46,6 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from ..errors import CheckpointError, CheckpointNotFoundError
-from ..storage.atomic import fsync_dir
-from ..storage.buffers import write_all
 
 __all__ = [
     "FORMAT",
@@ -71,6 +69,14 @@ VERSION = 1
 logger = logging.getLogger(__name__)
 _STEP = re.compile(r"^step_(\d+)$")
 _LEFTOVER = re.compile(r"^\.(tmp|trash|replaced)-step_(\d+)-[0-9a-f]+$")
+
+
+# The storage helpers import torch; header-only tools (``torchst inspect``) read steps through
+# this module without torch, so the write-side helpers import them when a step is written.
+def fsync_dir(path: str) -> None:
+    from ..storage.atomic import fsync_dir as fsync
+
+    fsync(path)
 
 
 def step_dir(directory: str, step: int) -> str:
@@ -137,6 +143,8 @@ def write_json(path: str, obj: Any) -> int:
     data = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
+        from ..storage.buffers import write_all
+
         write_all(fd, memoryview(data))
         os.fsync(fd)
     finally:
