@@ -63,6 +63,7 @@ _SUBMODULES = frozenset(
         "convert",
         "dedup",
         "devices",
+        "distributed",
         "format",
         "integrations",
         "manager",
