@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .errors import DeviceMapError
-from .format.reader import DeviceLike, normalize_device
+from .format.reader import DeviceLike, check_device, normalize_device
 from .storage.buffers import io_pool, pread_into, tensor_bytes
 
 __all__ = [
@@ -40,25 +40,6 @@ BUFFER_BYTES = 32 << 20
 NUM_BUFFERS = 3
 _DIRECT_CHUNK = 16 << 20
 DeviceMap = Mapping[str, DeviceLike]
-
-
-def check_device(device: DeviceLike) -> torch.device:
-    """Normalise ``device`` and check it exists here; ``"cuda:1"`` is never rewritten to ``"cuda"``.
-
-    >>> check_device("cpu"), check_device(torch.device("meta"))
-    (device(type='cpu'), device(type='meta'))
-    """
-    dev = normalize_device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceMapError(
-                f"device {str(dev)!r} was requested but CUDA is not available on this machine "
-                "(torch.cuda.is_available() is False); load to 'cpu' instead"
-            )
-        n = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= n:
-            raise DeviceMapError(f"device {str(dev)!r} does not exist: this machine has {n} CUDA device(s)")
-    return dev
 
 
 def _map_value(prefix: str, value: object) -> torch.device:
@@ -305,8 +286,9 @@ def _read_staged(chunks: list[_Chunk], nbytes: int, num_buffers: int) -> None:
         _copy_out(pending, todo, pool, pin)
     finally:
         _drain(fut for _, _, fut in pending)
-        if pin:
-            torch.cuda.synchronize()  # the pinned buffers are freed on return
+        if pin:  # the pinned buffers are freed on return; every device's copies must be done
+            for dev in {c.out.device for c in chunks if c.out.device.type == "cuda"}:
+                torch.cuda.synchronize(dev)
 
 
 def _copy_out(pending: deque[tuple[_Chunk, _Slot, Future[None]]], todo: Iterator[_Chunk], pool: Any, pin: bool) -> None:
@@ -319,9 +301,9 @@ def _copy_out(pending: deque[tuple[_Chunk, _Slot, Future[None]]], todo: Iterator
         cuda = dst.device.type == "cuda"
         # Copy #2 (copy #1 was file -> buffer): buffer -> device memory, casting if asked.
         dst.copy_(src, non_blocking=cuda and pin)
-        if cuda:
+        if cuda:  # the copy runs on the destination device's stream, which is not the current one for cuda:1
             slot.event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            slot.event.record()
+            slot.event.record(torch.cuda.current_stream(dst.device))
         nxt = next(todo, None)
         if nxt is not None:
             pending.append((nxt, slot, pool.submit(_fill, slot, nxt)))

@@ -28,7 +28,7 @@ from ..errors import DeviceMapError, FormatError, TensorNotFoundError, Unsupport
 from ..storage.buffers import anon_buffer, pread_parallel, read_scatter, tensor_bytes
 from .header import Header, TensorInfo, parse_header, read_header_length
 
-__all__ = ["BACKENDS", "SafeFile", "SafeSlice", "load", "load_file", "normalize_device", "safe_open"]
+__all__ = ["BACKENDS", "SafeFile", "SafeSlice", "check_device", "load", "load_file", "normalize_device", "safe_open"]
 
 BACKENDS = ("mmap", "pread", "eager")
 PathLike = str | os.PathLike[str]
@@ -49,6 +49,25 @@ def normalize_device(device: DeviceLike) -> torch.device:
         return torch.device(device)
     except RuntimeError as e:
         raise DeviceMapError(f"device {device!r} is invalid: {e}") from None
+
+
+def check_device(device: DeviceLike) -> torch.device:
+    """Normalise ``device`` and check it exists here; ``"cuda:1"`` is never rewritten to ``"cuda"``.
+
+    >>> check_device("cpu"), check_device(torch.device("meta"))
+    (device(type='cpu'), device(type='meta'))
+    """
+    dev = normalize_device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceMapError(
+                f"device {str(dev)!r} was requested but CUDA is not available on this machine "
+                "(torch.cuda.is_available() is False); load to 'cpu' instead"
+            )
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise DeviceMapError(f"device {str(dev)!r} does not exist: this machine has {n} CUDA device(s)")
+    return dev
 
 
 def _torch_shape(info: TensorInfo, row: DType, where: str) -> tuple[int, ...]:
@@ -192,7 +211,7 @@ class SafeFile:
         if backend not in BACKENDS:
             raise ValueError(f'backend {backend!r} is invalid (expected one of: {", ".join(map(repr, BACKENDS))})')
         self.path = os.fspath(path)
-        self.device = normalize_device(device)
+        self.device = check_device(device)  # before any byte is read: no late torch error from .to()
         self.backend = backend
         self._source = self.path
         if fd is None:

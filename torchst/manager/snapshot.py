@@ -55,7 +55,7 @@ class HostArena:
         buf = self._reserve(total, pin and torch.cuda.is_available())
         out: dict[str, FileSpec] = {}
         offset = 0
-        cuda_used = False
+        cuda_used: set[torch.device] = set()
         for rel, spec in files.items():
             copies: dict[str, torch.Tensor] = {}
             for name, t in spec.tensors.items():
@@ -63,11 +63,12 @@ class HostArena:
                 dst = buf[offset : offset + n].view(t.dtype).view(t.shape) if n else torch.empty(t.shape, dtype=t.dtype)
                 if n:
                     on_cuda = t.device.type == "cuda"
-                    cuda_used = cuda_used or on_cuda
+                    if on_cuda:
+                        cuda_used.add(t.device)
                     dst.copy_(t.detach(), non_blocking=on_cuda)
                 copies[name] = dst
                 offset += _aligned(n)
             out[rel] = FileSpec(copies, dict(spec.metadata))
-        if cuda_used:
-            torch.cuda.synchronize()  # non_blocking copies must land before save() returns
+        for dev in cuda_used:  # non_blocking copies run on each source device's stream: all must land
+            torch.cuda.synchronize(dev)
         return out
