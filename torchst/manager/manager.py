@@ -19,6 +19,7 @@ import torch
 from .._progress import progress as progress_bar
 from .._progress import progress_enabled
 from ..errors import CheckpointError, CheckpointNotFoundError, SerializationError
+from ..format.reader import check_device
 from ..format.writer import WritePlan
 from ..state import decode_state, encode_state, restore_state
 from ..state.codec import FileReader
@@ -342,6 +343,8 @@ class CheckpointManager:
         """
         if not isinstance(state, MutableMapping):
             raise TypeError(f"restore() takes the dict of objects to load into, found {type(state).__name__}")
+        if device is not None:
+            device = check_device(device)  # a device that does not exist fails here, before any read
         with self._open(step) as opened, self._bar(opened, progress, "Restoring") as read:
             try:
                 restore_state(
