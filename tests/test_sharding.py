@@ -23,6 +23,7 @@ from torchst.errors import (
     SharedTensorError,
     TensorNotFoundError,
 )
+from torchst.format.checksum import CHECKSUM_KEY
 from torchst.sharding import load_state_dict, open_checkpoint, save_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,11 +74,13 @@ def test_sharded_layout_and_roundtrip(tmp_path: Path) -> None:
 
 
 def test_shards_match_reference_writer(tmp_path: Path) -> None:
-    res = save_state_dict(make_sd(), tmp_path, max_shard_size="6KB", metadata={"note": "x"})
+    # checksums off: exactly what the reference writes for the same tensors and metadata
+    res = save_state_dict(make_sd(), tmp_path, max_shard_size="6KB", metadata={"note": "x"}, checksums=False)
     for fn in res.files:
         with safetensors.safe_open(str(tmp_path / fn), "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (reference API)
             md = f.metadata()
+        assert CHECKSUM_KEY not in md
         ref = tmp_path / "ref.safetensors"
         safetensors.torch.save_file(tensors, ref, metadata=md)
         ours, theirs = (tmp_path / fn).read_bytes(), ref.read_bytes()
@@ -87,9 +90,30 @@ def test_shards_match_reference_writer(tmp_path: Path) -> None:
         assert ours[:8] == theirs[:8] and ours[8 + n :] == theirs[8 + n :], fn
         assert json.loads(ours[8 : 8 + n]) == json.loads(theirs[8 : 8 + n]), fn
     single = {"w": torch.arange(6.0)}
-    save_state_dict(single, tmp_path / "one.safetensors")
+    save_state_dict(single, tmp_path / "one.safetensors", checksums=False)
     safetensors.torch.save_file(single, tmp_path / "ref1.safetensors", metadata={"format": "pt"})
     assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "ref1.safetensors").read_bytes()
+
+
+def test_checksummed_shards_differ_from_reference_only_by_the_record(tmp_path: Path) -> None:
+    # checksums on (the default): same tensors, same data bytes, same header entries; the only
+    # difference is the one metadata entry, which the reference reader passes through
+    off = save_state_dict(make_sd(), tmp_path / "off", max_shard_size="6KB", metadata={"note": "x"}, checksums=False)
+    on = save_state_dict(make_sd(), tmp_path / "on", max_shard_size="6KB", metadata={"note": "x"})
+    assert on.files == off.files
+    for fn in on.files:
+        a, b = (tmp_path / "on" / fn).read_bytes(), (tmp_path / "off" / fn).read_bytes()
+        na, nb = int.from_bytes(a[:8], "little"), int.from_bytes(b[:8], "little")
+        assert a[8 + na :] == b[8 + nb :], fn  # identical data section
+        ha, hb = json.loads(a[8 : 8 + na]), json.loads(b[8 : 8 + nb])
+        record = json.loads(ha["__metadata__"].pop(CHECKSUM_KEY))
+        assert ha == hb, fn
+        assert record["algorithm"] == "crc32c" and set(record["tensors"]) == set(hb) - {"__metadata__"}
+        with safetensors.safe_open(str(tmp_path / "on" / fn), "pt") as f:
+            assert f.metadata()[CHECKSUM_KEY] and set(f.keys()) == set(hb) - {"__metadata__"}
+    assert (tmp_path / "on" / "model.safetensors.index.json").read_bytes() == (
+        tmp_path / "off" / "model.safetensors.index.json"
+    ).read_bytes()
 
 
 def test_single_shard_is_model_safetensors_and_file_paths(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ __all__ = [
     "FileSizeError",
     "FormatError",
     "HeaderError",
+    "IntegrityError",
     "OffsetError",
     "SerializationError",
     "ShardIndexError",
@@ -50,6 +51,27 @@ class OffsetError(FormatError):
 
 class FileSizeError(FormatError):
     """The file is shorter or longer than its header says (truncated download?)."""
+
+
+class IntegrityError(FormatError):
+    """Stored bytes do not match the checksum recorded when they were written (corruption).
+
+    ``path``, ``tensor`` and ``byte_range`` (absolute file offsets, end exclusive) say where;
+    each is None when the problem is not tied to one tensor (e.g. the header itself).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        tensor: str | None = None,
+        byte_range: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.tensor = tensor
+        self.byte_range = byte_range
 
 
 class UnsupportedDtypeError(FormatError):

@@ -88,11 +88,14 @@ def save_model(
     max_shard_size: int | str | None = None,
     metadata: Mapping[str, str] | None = None,
     fsync: bool = False,
+    checksums: bool = True,
 ) -> SaveResult:
     """Save ``model.state_dict()``: tied weights once, user hooks and extra state honoured.
 
     A path ending in ``.safetensors`` is one file; anything else is a directory (one
-    ``model.safetensors`` unless ``max_shard_size`` asks for shards).
+    ``model.safetensors`` unless ``max_shard_size`` asks for shards).  Each tensor's CRC32C is
+    recorded in its file's metadata (``checksums=False`` turns that off), so
+    ``load_model(..., verify=True)`` and ``torchst verify`` can detect corruption.
 
     >>> torchst.save_model(model, "ckpt", max_shard_size="2GB")
     >>> missing, unexpected = torchst.load_model(model, "ckpt")
@@ -127,6 +130,7 @@ def save_model(
         metadata=md,
         tied_keys=tied_weights_keys(model),
         fsync=fsync,
+        checksums=checksums,
     )
 
 
@@ -154,6 +158,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     max_memory: Mapping[int | str, int | str] | None = None,
     backend: str | None = None,
+    verify: bool = False,
 ) -> LoadResult:
     """Load a file, directory or index into ``model`` through ``model.load_state_dict``.
 
@@ -161,6 +166,8 @@ def load_model(
     ``device`` or on ``device_map={prefix: device}`` / ``"auto"`` (accelerate's planner, with
     ``max_memory``), in the model's dtypes or ``dtype`` for floating tensors.  A materialised
     model is copied into in place.  ``strict`` raises ``CheckpointError`` on missing/unexpected keys.
+    ``verify=True`` checks every tensor against its recorded checksum before the model is touched
+    (``IntegrityError`` names file, tensor and byte range).
 
     >>> with torch.device("meta"):
     ...     model = MyNet()
@@ -187,6 +194,7 @@ def load_model(
         dtype=dtype,
         dtypes=dtypes,
         backend=backend or ("pread" if assign else "mmap"),
+        verify=verify,
     )
     tied_to: dict[str, list[str]] = {n: g for g in groups for n in g}
     if assign:

@@ -26,6 +26,7 @@ import torch
 from .._dtypes import DTYPES, DType, from_code
 from ..errors import DeviceMapError, FormatError, TensorNotFoundError, UnsupportedDtypeError
 from ..storage.buffers import anon_buffer, pread_parallel, read_scatter, tensor_bytes
+from .checksum import Verifier, check_tensors, warn_unverified
 from .header import Header, TensorInfo, parse_header, read_header_length
 
 __all__ = ["BACKENDS", "SafeFile", "SafeSlice", "check_device", "load", "load_file", "normalize_device", "safe_open"]
@@ -205,7 +206,13 @@ class SafeFile:
     """
 
     def __init__(
-        self, path: PathLike, *, device: DeviceLike = "cpu", backend: str = "mmap", fd: int | None = None
+        self,
+        path: PathLike,
+        *,
+        device: DeviceLike = "cpu",
+        backend: str = "mmap",
+        fd: int | None = None,
+        verify: bool = False,
     ) -> None:
         """``fd``: read a duplicate of this open descriptor (the file as opened then) instead of opening ``path``."""
         if backend not in BACKENDS:
@@ -225,6 +232,8 @@ class SafeFile:
             raw = os.pread(self._fd, n, 8)
             with _gc_paused():
                 self._header: Header = parse_header(raw, source=self._source, data_size=self.file_size - 8 - n)
+            # verify: the header is checked against its digest here; each tensor as it is read
+            self._verifier = Verifier(self._header, source=self._source) if verify else None
         except BaseException:
             self.close()
             raise
@@ -232,6 +241,10 @@ class SafeFile:
         self._base = 0
         self._address = 0
         self._on_cpu = self.device.type == "cpu"
+        self._checked: set[str] = set()
+        if self._verifier is not None and not self._verifier.active:
+            warn_unverified([self._source])
+            self._verifier = None
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
@@ -265,6 +278,11 @@ class SafeFile:
         """Tensor names in the order their bytes appear in the file."""
         return list(self._header.tensors)
 
+    @property
+    def verifying(self) -> bool:
+        """Whether tensors are checked against recorded checksums as they are read."""
+        return self._verifier is not None
+
     def metadata(self) -> dict[str, str] | None:
         md = self._header.metadata
         return dict(md) if md is not None else None
@@ -291,6 +309,9 @@ class SafeFile:
         if info is None:
             return self._to_device(self._cpu_tensor(self.info(name)))  # raises TensorNotFoundError
         t = self._cpu_tensor(info)
+        if self._verifier is not None:
+            self._verifier.check(info, tensor_bytes(t))
+            self._checked.add(name)
         return t if self._on_cpu else t.to(self.device)
 
     def get_tensors(self) -> dict[str, torch.Tensor]:
@@ -298,11 +319,21 @@ class SafeFile:
         infos = self._header.tensors
         with _gc_paused():
             if self.backend == "pread":
-                return {name: self._to_device(t) for name, t in zip(infos, self._pread_many(infos.values()))}
-            return {name: self._to_device(self._cpu_tensor(info)) for name, info in infos.items()}
+                cpu = dict(zip(infos, self._pread_many(infos.values())))
+            else:
+                cpu = {name: self._cpu_tensor(info) for name, info in infos.items()}
+            if self._verifier is not None:
+                check_tensors(self._verifier, ((infos[n], tensor_bytes(t)) for n, t in cpu.items()))
+                self._checked.update(cpu)
+            return {name: self._to_device(t) for name, t in cpu.items()}
 
     def get_slice(self, name: str) -> SafeSlice:
-        return SafeSlice(self, self.info(name))
+        """A lazy slice handle; with ``verify=True`` the whole tensor is read and checked once first."""
+        info = self.info(name)
+        if self._verifier is not None and name not in self._checked:
+            self._verifier.check(info, tensor_bytes(self._cpu_tensor(info)))
+            self._checked.add(name)
+        return SafeSlice(self, info)
 
     def _where(self, info: TensorInfo) -> str:
         return f"{self._source}: tensor {info.name!r}"
@@ -367,24 +398,32 @@ class SafeFile:
 
 
 def safe_open(
-    path: PathLike, framework: str = "pt", device: DeviceLike = "cpu", *, backend: str = "mmap"
+    path: PathLike, framework: str = "pt", device: DeviceLike = "cpu", *, backend: str = "mmap", verify: bool = False
 ) -> SafeFile:
     """Open a .safetensors file lazily; the whole header is validated here.
 
-    >>> with torchst.safe_open("m.safetensors", device="cpu") as f:
+    ``verify=True`` checks the header and then every tensor read against the checksums the
+    file records (``IntegrityError`` on a mismatch; a file without checksums logs that once).
+
+    >>> with torchst.safe_open("m.safetensors", device="cpu", verify=True) as f:
     ...     names = f.keys(); w = f.get_tensor(names[0])
     """
     if framework not in ("pt", "torch", "pytorch"):
         raise ValueError(f"framework {framework!r} is not supported by torchst; use 'pt'")
-    return SafeFile(path, device=device, backend=backend)
+    return SafeFile(path, device=device, backend=backend, verify=verify)
 
 
-def load_file(path: PathLike, device: DeviceLike = "cpu", *, backend: str = "mmap") -> dict[str, torch.Tensor]:
+def load_file(
+    path: PathLike, device: DeviceLike = "cpu", *, backend: str = "mmap", verify: bool = False
+) -> dict[str, torch.Tensor]:
     """Every tensor of a .safetensors file, in file order.
 
-    >>> tensors = torchst.load_file("m.safetensors", device="cpu")
+    ``verify=True`` checks every tensor against its recorded checksum (``IntegrityError`` names
+    the tensor and its byte range).
+
+    >>> tensors = torchst.load_file("m.safetensors", device="cpu", verify=True)
     """
-    with SafeFile(path, device=device, backend=backend) as f:
+    with SafeFile(path, device=device, backend=backend, verify=verify) as f:
         return f.get_tensors()
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -18,7 +19,8 @@ import torch
 from .._dtypes import DType, from_torch
 from ..errors import SerializationError, SharedTensorError
 from ..storage.atomic import OutputFile, open_output
-from ..storage.buffers import tensor_bytes, write_all, writev_all
+from ..storage.buffers import io_pool, pwrite_all, tensor_bytes, write_all, writev_all
+from .checksum import CHECKSUM_KEY, crc32c, encode_record, header_digest
 from .header import METADATA_KEY, build_header, encode_prefix
 
 __all__ = [
@@ -39,14 +41,31 @@ WRITEV_BYTES = 8 << 20
 
 @dataclass(frozen=True)
 class WritePlan:
-    """Header bytes (prefix included) and the tensors in the order their bytes follow."""
+    """Header bytes (prefix included) and the tensors in the order their bytes follow.
+
+    With checksums, ``header`` holds zero placeholders of the same width as the final values;
+    ``final_header`` builds the header to write over it once the data is hashed.
+    """
 
     header: bytes
     order: tuple[tuple[str, torch.Tensor], ...]
+    checksums: bool = False
+    _entries: tuple[tuple[str, str, list[int], int], ...] = ()
+    _metadata: dict[str, str] | None = None
+    _header_crc: int = 0
 
     @property
     def total_size(self) -> int:
         return len(self.header) + sum(t.numel() * t.element_size() for _, t in self.order)
+
+    def final_header(self, crcs: Sequence[int]) -> bytes:
+        """The header with the tensors' CRC32C values (in write order); same length as ``header``."""
+        md = dict(self._metadata or {})
+        md[CHECKSUM_KEY] = encode_record(self._header_crc, zip((n for n, _ in self.order), crcs))
+        raw = build_header(self._entries, md)
+        out = encode_prefix(raw) + raw
+        assert len(out) == len(self.header), "checksum values are fixed-width"
+        return out
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int | None, int, int] | None:
@@ -131,8 +150,14 @@ def _check_tensor(name: object, t: object) -> DType:
     return row
 
 
-def plan_write(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> WritePlan:
-    """Validate ``tensors``/``metadata`` and lay out the file exactly as the reference does."""
+def plan_write(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *, checksums: bool = False
+) -> WritePlan:
+    """Validate ``tensors``/``metadata`` and lay out the file exactly as the reference does.
+
+    ``checksums=True`` adds the per-tensor checksum record (see ``torchst.format.checksum``) to
+    ``__metadata__``, with placeholder values that ``write_tensors`` fills in.
+    """
     if not isinstance(tensors, Mapping):
         raise SerializationError(f"expected a dict of str -> torch.Tensor, found {type(tensors).__name__}")
     rows = {name: _check_tensor(name, t) for name, t in tensors.items()}
@@ -150,8 +175,29 @@ def plan_write(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] 
         if row.pack != 1:
             shape[-1] *= row.pack  # header stores logical values: two float4 per torch element
         entries.append((n, row.code, shape, t.numel() * t.element_size()))
-    header = build_header(entries, metadata)
-    return WritePlan(encode_prefix(header) + header, tuple((n, tensors[n]) for n in names))
+    order = tuple((n, tensors[n]) for n in names)
+    md = metadata
+    if isinstance(metadata, Mapping) and CHECKSUM_KEY in metadata:
+        # A record copied from another file describes other bytes: never carried over.
+        md = {k: v for k, v in metadata.items() if k != CHECKSUM_KEY}
+    if not checksums:
+        header = build_header(entries, md)
+        return WritePlan(encode_prefix(header) + header, order)
+    user = dict(md or {})
+    header_crc = 0
+    if all(isinstance(k, str) and isinstance(v, str) for k, v in user.items()):  # else build_header raises
+        header_crc = header_digest(user, _with_offsets(entries))
+    placeholder = {**user, CHECKSUM_KEY: encode_record(header_crc, ((n, 0) for n in names))}
+    header = build_header(entries, placeholder)
+    return WritePlan(encode_prefix(header) + header, order, True, tuple(entries), user, header_crc)
+
+
+def _with_offsets(entries: Sequence[tuple[str, str, list[int], int]]) -> list[tuple[str, str, list[int], int, int]]:
+    out, offset = [], 0
+    for n, code, shape, nbytes in entries:
+        out.append((n, code, shape, offset, offset + nbytes))
+        offset += nbytes
+    return out
 
 
 def write_tensors(
@@ -161,57 +207,130 @@ def write_tensors(
     staging_bytes: int = STAGING_BYTES,
     stage_all: bool = False,
     on_bytes: Callable[[int], object] | None = None,
-) -> None:
+) -> list[int] | None:
     """Stream a planned file into ``f``: CPU memory directly, accelerator memory via one buffer.
 
     ``f`` is an ``OutputFile`` from ``torchst.storage.open_output`` (the library's own saves), a
     regular binary file, or anything with ``write``.  ``on_bytes(n)`` is called as bytes go out
     (progress bars).  ``stage_all`` sends CPU tensors through the staging buffer too (tests the
     device path on CPU).
+
+    With ``plan.checksums`` each tensor is hashed as its bytes go out (CPU batches on another
+    core while they are written, staged chunks in the buffer they pass through) and the final
+    header is written over the placeholder one at the end: the data is read once, never copied
+    for hashing.  A stream that cannot seek back gets the tensors hashed ahead of the write
+    instead.  Returns the CRC32C values in write order (None without checksums).
     """
     sink = _Sink(f)
-    sink.write(memoryview(plan.header))
+    header_pos = sink.tell() if plan.checksums else None
+    ahead = plan.checksums and header_pos is None
+    crcs: list[int] = _hash_ahead(plan, staging_bytes) if ahead else [0] * len(plan.order)
+    hashing = plan.checksums and not ahead
+    header = plan.final_header(crcs) if ahead else plan.header
+    sink.write(memoryview(header))
     report = on_bytes if on_bytes is not None else _ignore
-    report(len(plan.header))
+    report(len(header))
     # CPU tensors go out as writev batches of views of their own memory.  Through
     # io.BufferedWriter.write, every tensor up to the buffer size would first be memcpy'd into
     # the buffer: an extra copy of most of a model.
     batch: list[memoryview] = []
+    batch_index: list[int] = []
     batch_bytes = 0
+    pending: list[tuple[list[int], Future[list[int]]]] = []
 
     def drain() -> None:
         nonlocal batch_bytes
         if batch:
+            if hashing:
+                # The CRC library releases the GIL: another core hashes this batch while it is written.
+                pending.append((list(batch_index), io_pool().submit(_crc_views, list(batch))))
             sink.writev(batch)
             report(batch_bytes)
             batch.clear()
+            batch_index.clear()
             batch_bytes = 0
 
-    staging: torch.Tensor | None = None
-    for _, t in plan.order:
-        nbytes = t.numel() * t.element_size()
-        if nbytes == 0:
-            continue
-        if t.device.type == "cpu" and not stage_all:
-            batch.append(tensor_bytes(t))  # zero-copy: the file write reads tensor memory directly
-            batch_bytes += nbytes
-            if batch_bytes >= WRITEV_BYTES or len(batch) >= 512:
-                drain()
-            continue
+    try:
+        staging: torch.Tensor | None = None
+        for i, (_, t) in enumerate(plan.order):
+            nbytes = t.numel() * t.element_size()
+            if nbytes == 0:
+                continue
+            if t.device.type == "cpu" and not stage_all:
+                batch.append(tensor_bytes(t))  # zero-copy: the file write reads tensor memory directly
+                batch_index.append(i)
+                batch_bytes += nbytes
+                if batch_bytes >= WRITEV_BYTES or len(batch) >= 512:
+                    drain()
+                continue
+            drain()
+            if staging is None:
+                staging = _staging(plan, t, staging_bytes)
+            crc = 0
+            for view in _staged_chunks(t, staging):
+                if hashing:
+                    crc = crc32c(view, crc)  # hashed in the buffer it is written from
+                sink.write(view)  # written before the buffer is refilled
+                report(len(view))
+            crcs[i] = crc if hashing else crcs[i]
         drain()
-        if staging is None:
-            size = min(staging_bytes, max(n.numel() * n.element_size() for _, n in plan.order))
-            pin = torch.cuda.is_available() and t.device.type == "cuda"
-            staging = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
-        src = t.reshape(-1).view(torch.uint8)
-        view = tensor_bytes(staging)
-        for off in range(0, nbytes, staging.numel()):
-            k = min(staging.numel(), nbytes - off)
-            staging[:k].copy_(src[off : off + k])  # copy #1: device -> reused host buffer
-            sink.write(view[:k])  # written before the buffer is refilled
-            report(k)
-    drain()
+    finally:
+        for _, fut in pending:
+            fut.exception()  # wait even on error: the views point into the caller's tensors
+    for indices, fut in pending:
+        for i, v in zip(indices, fut.result()):
+            crcs[i] = v
     sink.finish()
+    if hashing:
+        assert header_pos is not None
+        sink.write_at(header_pos, plan.final_header(crcs))
+    return crcs if plan.checksums else None
+
+
+def _crc_views(views: list[memoryview]) -> list[int]:
+    return [crc32c(v) for v in views]
+
+
+def _staging(plan: WritePlan, t: torch.Tensor, staging_bytes: int) -> torch.Tensor:
+    size = min(staging_bytes, max(n.numel() * n.element_size() for _, n in plan.order))
+    pin = torch.cuda.is_available() and t.device.type == "cuda"
+    return torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+
+
+def _staged_chunks(t: torch.Tensor, staging: torch.Tensor) -> Iterator[memoryview]:
+    nbytes = t.numel() * t.element_size()
+    src = t.reshape(-1).view(torch.uint8)
+    view = tensor_bytes(staging)
+    for off in range(0, nbytes, staging.numel()):
+        k = min(staging.numel(), nbytes - off)
+        staging[:k].copy_(src[off : off + k])  # copy #1: device -> reused host buffer
+        yield view[:k]
+
+
+def _hash_ahead(plan: WritePlan, staging_bytes: int) -> list[int]:
+    """CRC32C of every tensor before anything is written (for streams that cannot seek back)."""
+    crcs = [0] * len(plan.order)
+    futures: list[tuple[int, Future[list[int]]]] = []
+    staging: torch.Tensor | None = None
+    try:
+        for i, (_, t) in enumerate(plan.order):
+            if t.numel() == 0:
+                continue
+            if t.device.type == "cpu":
+                futures.append((i, io_pool().submit(_crc_views, [tensor_bytes(t)])))
+                continue
+            if staging is None:
+                staging = _staging(plan, t, staging_bytes)
+            crc = 0
+            for view in _staged_chunks(t, staging):  # one extra device -> host pass
+                crc = crc32c(view, crc)
+            crcs[i] = crc
+    finally:
+        for _, fut in futures:
+            fut.exception()
+    for i, fut in futures:
+        crcs[i] = fut.result()[0]
+    return crcs
 
 
 def _ignore(n: int) -> None:
@@ -253,6 +372,28 @@ class _Sink:
         for v in views:
             self.f.write(v)
 
+    def tell(self) -> int | None:
+        """Where the next byte goes, if the file can be written there again later (else None)."""
+        if isinstance(self.f, OutputFile):
+            return self.f.tell()
+        try:
+            return self.f.tell() if self.f.seekable() else None
+        except (AttributeError, OSError, ValueError):  # pipes, write-only wrappers
+            return None
+
+    def write_at(self, offset: int, data: bytes) -> None:
+        """Overwrite bytes written earlier (the header, once checksums are known)."""
+        if isinstance(self.f, OutputFile):
+            self.f.write_at(offset, data)
+        elif self.fd is not None:
+            self.f.flush()
+            pwrite_all(self.fd, memoryview(data), offset)
+        else:
+            end = self.f.tell()
+            self.f.seek(offset)
+            self.f.write(data)
+            self.f.seek(end)
+
     def finish(self) -> None:
         if self.fd is not None and not isinstance(self.f, OutputFile):
             self.f.seek(os.lseek(self.fd, 0, os.SEEK_CUR))  # resync the BufferedWriter's cached position
@@ -275,27 +416,40 @@ def save_file(
     metadata: Mapping[str, str] | None = None,
     *,
     fsync: bool = False,
+    checksums: bool = False,
 ) -> None:
     """Write ``tensors`` to ``path`` atomically, byte-identical to ``safetensors.torch.save_file``.
 
+    ``checksums=True`` also records each tensor's CRC32C in ``__metadata__`` (still readable by
+    every safetensors reader; then no longer byte-identical to the reference).
+
     >>> torchst.save_file({"w": torch.ones(2, 2)}, "m.safetensors", metadata={"format": "pt"})
+    >>> torchst.save_file({"w": torch.ones(2, 2)}, "m.safetensors", checksums=True)
     """
-    plan = plan_write(tensors, metadata)
+    plan = plan_write(tensors, metadata, checksums=checksums)
     with open_output(path, size=plan.total_size, fsync=fsync) as f:
         write_tensors(f, plan)
 
 
-def save(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+def save(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *, checksums: bool = False
+) -> bytes:
     """The safetensors bytes for ``tensors`` (one copy: into the returned bytes).
 
     >>> blob = torchst.save({"w": torch.ones(2)})
     """
-    plan = plan_write(tensors, metadata)
+    plan = plan_write(tensors, metadata, checksums=checksums)
     parts: list[bytes | memoryview] = [plan.header]
     keep = []
+    crcs = []
     for _, t in plan.order:
-        if t.numel():
-            host = t if t.device.type == "cpu" else t.cpu()
-            keep.append(host)
-            parts.append(tensor_bytes(host))
+        host = t if t.device.type == "cpu" else t.cpu()
+        keep.append(host)
+        view = tensor_bytes(host)
+        if checksums:
+            crcs.append(crc32c(view) if len(view) else 0)
+        if len(view):
+            parts.append(view)
+    if checksums:
+        parts[0] = plan.final_header(crcs)
     return b"".join(parts)

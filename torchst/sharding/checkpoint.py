@@ -50,6 +50,8 @@ from ..errors import (
     TensorNotFoundError,
     TorchstError,
 )
+from ..storage.buffers import tensor_bytes
+from ..format.checksum import CHECKSUM_KEY, Verifier, check_from_file, check_tensors, warn_unverified
 from ..format.header import Header, TensorInfo, parse_header, read_header_length
 from ..format.reader import BACKENDS, DeviceLike, SafeFile, _from_window, _gc_paused, _torch_shape
 from .index import INDEX_SUFFIX, MAX_INDEX_SIZE, ShardIndex, index_filename
@@ -180,10 +182,12 @@ class Checkpoint:
         dtype: torch.dtype | None = None,
         dtypes: Mapping[str, torch.dtype] | None = None,
         backend: str = "mmap",
+        verify: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Read ``names`` (default: all) with aliases expanded; see ``load_state_dict``.
 
         ``dtypes`` overrides the target dtype per stored name (``dtype`` casts floating tensors).
+        ``verify`` checks every tensor read against its file's recorded checksum.
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r} is invalid (expected one of: {', '.join(map(repr, BACKENDS))})")
@@ -197,10 +201,22 @@ class Checkpoint:
         by_file: dict[str, list[str]] = {}
         for n in mapped:
             by_file.setdefault(self.tensors[n][0], []).append(n)
+        checks = _Checks(self) if verify else None
         for path, group in by_file.items():
             out.update(self._mapped(path, group))
+            if checks is not None:
+                checks.in_memory(path, [(self.tensors[n][2], out[n]) for n in group])
         requests = [self._request(n, devices[n], targets[n]) for n in wanted if n not in out]
+        direct = {r.name for r in requests if r.device.type == "cpu" and r.out_dtype is None}
+        if checks is not None:
+            # Targets that never hold the stored bytes in CPU memory (accelerators, casts) are
+            # checked from the file first; CPU reads are hashed where they land.
+            checks.from_files(self._by_file([r.name for r in requests if r.name not in direct]))
         out.update(stream_tensors(requests))
+        if checks is not None:
+            for path, infos in self._by_file([n for n in wanted if n in direct]).items():
+                checks.in_memory(path, [(info, out[info.name]) for info in infos])
+            checks.done()
         ordered = {n: out[n] for n in wanted}
         return expand_aliases(ordered, {a: k for a, k in self.aliases.items() if k in ordered})
 
@@ -211,6 +227,15 @@ class Checkpoint:
         buf = memoryview(mmap.mmap(self._fd(path), size, access=mmap.ACCESS_COPY))
         address = torch.frombuffer(buf, dtype=torch.uint8, count=1).data_ptr() if size else 0
         return {n: _from_window(buf, self.tensors[n][2], self.tensors[n][1], address, path) for n in names}
+
+    def _by_file(self, names: Collection[str]) -> dict[str, list[TensorInfo]]:
+        out: dict[str, list[TensorInfo]] = {}
+        for n in names:
+            path, _, info = self.tensors[n]
+            out.setdefault(path, []).append(info)
+        for infos in out.values():
+            infos.sort(key=lambda i: i.begin)
+        return out
 
     def _select(self, names: Collection[str] | None) -> list[str]:
         if names is None:
@@ -259,6 +284,35 @@ class Checkpoint:
         return ReadRequest(
             name, path, start + info.begin, info.nbytes, row.require_torch(where), shape, device, out_dtype, fd
         )
+
+
+class _Checks:
+    """Checksum verification for one load: a Verifier per file, one warning for unverifiable files."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+        self.verifiers: dict[str, tuple[Verifier, Header]] = {}
+        self.unverified: list[str] = []
+
+    def _verifier(self, path: str) -> tuple[Verifier, Header]:
+        got = self.verifiers.get(path)
+        if got is None:
+            header = _header(self.ckpt._fd(path), self.ckpt._handles.sizes[path], path)
+            got = self.verifiers[path] = (Verifier(header, source=path), header)
+            if not got[0].active:
+                self.unverified.append(path)
+        return got
+
+    def in_memory(self, path: str, items: list[tuple[TensorInfo, torch.Tensor]]) -> None:
+        check_tensors(self._verifier(path)[0], [(info, tensor_bytes(t)) for info, t in items])
+
+    def from_files(self, by_file: Mapping[str, list[TensorInfo]]) -> None:
+        for path, infos in by_file.items():
+            verifier, header = self._verifier(path)
+            check_from_file(self.ckpt._fd(path), header, verifier, infos, source=path)
+
+    def done(self) -> None:
+        warn_unverified(self.unverified)
 
 
 # -- opening -----------------------------------------------------------------------------
@@ -500,7 +554,7 @@ def _aliases(metadatas: list[dict[str, str]], tensors: Mapping[str, object]) -> 
 
 def _user_metadata(md: Mapping[str, str]) -> dict[str, str]:
     recorded = aliases_from_metadata(md)
-    return {k: v for k, v in md.items() if k != ALIASES_KEY and recorded.get(k) != v}
+    return {k: v for k, v in md.items() if k not in (ALIASES_KEY, CHECKSUM_KEY) and recorded.get(k) != v}
 
 
 def load_state_dict(
@@ -511,6 +565,7 @@ def load_state_dict(
     dtype: torch.dtype | None = None,
     backend: str = "mmap",
     trusted_roots: Iterable[PathLike] | None = None,
+    verify: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Every tensor of a file, directory or index; aliases map to the same tensor object.
 
@@ -518,10 +573,12 @@ def load_state_dict(
     the mapped files; everything else is read into new memory on the target device (``device``,
     or per name with ``device_map={prefix: device}``).  ``dtype`` casts floating tensors.  The
     result is one whole checkpoint even while a writer re-saves it (see ``open_checkpoint``).
+    ``verify=True`` checks every tensor against its recorded checksum and raises
+    ``IntegrityError`` naming file, tensor and byte range on a mismatch.
 
     >>> sd = torchst.load_state_dict("ckpt", device="cpu", dtype=torch.bfloat16)
     >>> sd["lm_head.weight"] is sd["embed.weight"]
     True
     """
     with open_checkpoint(path_or_directory, trusted_roots=trusted_roots) as ckpt:
-        return ckpt.load(device=device, device_map=device_map, dtype=dtype, backend=backend)
+        return ckpt.load(device=device, device_map=device_map, dtype=dtype, backend=backend, verify=verify)

@@ -97,6 +97,7 @@ def save_state_dict(
     metadata: Mapping[str, str] | None = None,
     tied_keys: TiedKeys | None = None,
     fsync: bool = False,
+    checksums: bool = True,
 ) -> SaveResult:
     """Save ``state_dict``: a path ending in ``.safetensors`` is one file, anything else a directory.
 
@@ -104,6 +105,9 @@ def save_state_dict(
     is split into ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json`` when
     it exceeds ``max_shard_size`` (one shard = ``model.safetensors``, ``None`` = never split).
     ``fsync=True`` also makes the save survive power loss, not just a crashed process.
+    ``checksums`` (on by default) records each tensor's CRC32C in its file's ``__metadata__``,
+    computed as the bytes are written, for ``load_state_dict(..., verify=True)`` and
+    ``torchst verify``; ``checksums=False`` writes exactly what ``safetensors`` would.
 
     >>> torchst.save_state_dict(model.state_dict(), "ckpt", max_shard_size="500MB")
     >>> sd = torchst.load_state_dict("ckpt")
@@ -114,12 +118,12 @@ def save_state_dict(
     path = os.fspath(path_or_directory)
     if path.endswith(".safetensors"):
         md = _file_metadata(metadata, dedup.aliases)
-        plan = plan_write(tensors, md)
+        plan = plan_write(tensors, md, checksums=checksums)
         with open_output(path, size=plan.total_size, fsync=fsync) as f:
             write_tensors(f, plan)
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         return SaveResult(os.path.dirname(path), (os.path.basename(path),), None, dedup.aliases, size)
-    return _save_directory(tensors, dedup.aliases, path, max_shard_size, metadata, fsync)
+    return _save_directory(tensors, dedup.aliases, path, max_shard_size, metadata, fsync, checksums)
 
 
 def _save_directory(
@@ -129,6 +133,7 @@ def _save_directory(
     max_shard_size: int | str | None,
     metadata: Mapping[str, str] | None,
     fsync: bool,
+    checksums: bool,
 ) -> SaveResult:
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise SerializationError(
@@ -148,7 +153,7 @@ def _save_directory(
     def write_shard(fn: str, names: Sequence[str]) -> None:
         kept = set(names)
         md = _file_metadata(metadata, {a: k for a, k in aliases.items() if k in kept})
-        wplan = plan_write({n: tensors[n] for n in names}, md)
+        wplan = plan_write({n: tensors[n] for n in names}, md, checksums=checksums)
         tmp = os.path.join(directory, temps[fn])
         written.append(tmp)  # list.append is atomic; cleanup below sees every temp file
         # The shard is committed later under its final name, which is what errors report.

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 
 from ..errors import TorchstError, WriteError
 from ._hints import delays_allocation, preallocate, start_writeback
-from .buffers import write_all, writev_all
+from .buffers import pwrite_all, write_all, writev_all
 
 __all__ = [
     "OutputFile",
@@ -144,6 +144,14 @@ class OutputFile:
         writev_all(self.fd, list(views))
         self.position += n
         self._advance(n)
+
+    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Overwrite bytes already written at ``offset`` (a header finished last); never extends the file."""
+        view = memoryview(data).cast("B")
+        if offset < 0 or offset + len(view) > self.position:
+            raise ValueError(f"{self.name}: write_at [{offset}, {offset + len(view)}) outside the {self.position} bytes written")
+        self.flush()
+        pwrite_all(self.fd, view, offset)
 
     def flush(self) -> None:
         """Hand gathered small writes to the kernel."""

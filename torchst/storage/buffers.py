@@ -160,3 +160,10 @@ def write_all(fd: int, mv: memoryview) -> None:
     done, total = 0, len(mv)
     while done < total:
         done += os.write(fd, mv[done : done + _MAX_IO])
+
+
+def pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
+    """os.pwrite until every byte of ``mv`` is at ``offset`` (the file position does not move)."""
+    done, total = 0, len(mv)
+    while done < total:
+        done += os.pwrite(fd, mv[done : done + _MAX_IO], offset + done)
