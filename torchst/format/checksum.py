@@ -174,7 +174,7 @@ def check_header(header: Header, sums: Checksums, *, source: str) -> None:
             f"{source}: the checksum record does not list the file's tensors (no checksum for {missing[:3]}, "
             f"checksums for absent tensors {extra[:3]}); the header is corrupted",
             path=source,
-            tensor=(missing or extra or [None])[0],
+            tensor=(missing + extra)[0] if missing or extra else None,
             byte_range=(0, header.data_start),
         )
 
@@ -412,7 +412,4 @@ def _scan(
     finally:
         if pending is not None:
             pending.cancel()
-            try:
-                pending.result()
-            except Exception:  # noqa: BLE001 - an error is already propagating
-                pass
+            pending.exception()  # wait for the read in flight before the caller closes ``fd``
