@@ -411,5 +411,5 @@ def _scan(
         return problems
     finally:
         if pending is not None:
-            pending.cancel()
-            pending.exception()  # wait for the read in flight before the caller closes ``fd``
+            if not pending.cancel():
+                pending.exception()  # wait for the read in flight before the caller closes ``fd``
