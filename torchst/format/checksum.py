@@ -410,6 +410,5 @@ def _scan(
             finish(info, 0)
         return problems
     finally:
-        if pending is not None:
-            if not pending.cancel():
-                pending.exception()  # wait for the read in flight before the caller closes ``fd``
+        if pending is not None and not pending.cancel():
+            pending.exception()  # wait for the read in flight before the caller closes ``fd``

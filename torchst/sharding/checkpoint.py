@@ -50,10 +50,10 @@ from ..errors import (
     TensorNotFoundError,
     TorchstError,
 )
-from ..storage.buffers import tensor_bytes
 from ..format.checksum import CHECKSUM_KEY, Verifier, check_from_file, check_tensors, warn_unverified
 from ..format.header import Header, TensorInfo, parse_header, read_header_length
 from ..format.reader import BACKENDS, DeviceLike, SafeFile, _from_window, _gc_paused, _torch_shape
+from ..storage.buffers import tensor_bytes
 from .index import INDEX_SUFFIX, MAX_INDEX_SIZE, ShardIndex, index_filename
 from .plan import SINGLE_FILE
 
