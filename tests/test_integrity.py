@@ -17,7 +17,15 @@ from torch import nn
 
 import torchst
 from torchst.errors import FileSizeError, FormatError, IntegrityError, ShardIndexError
-from torchst.format.checksum import CHECKSUM_KEY, crc32c, read_checksums, verify_file
+from torchst.format.checksum import (
+    CHECKSUM_KEY,
+    checksum_metadata,
+    combine_pieces,
+    crc32c,
+    crc32c_combine,
+    read_checksums,
+    verify_file,
+)
 from torchst.format.writer import plan_write, write_tensors
 
 
@@ -326,3 +334,32 @@ def test_read_checksums_absent_and_present(tmp_path: Path) -> None:
         assert sums is not None and set(sums.tensors) == set(tensors())
     with torchst.safe_open(tmp_path / "b.safetensors") as f:
         assert read_checksums(f.header, source="b") is None
+
+
+def test_crc32c_combine_and_pieces_for_writers_that_place_bytes_themselves() -> None:
+    data = bytes(range(256)) * 40 + b"tail"
+    for cut in (0, 1, 7, 4096, len(data) - 1, len(data)):
+        a, b = data[:cut], data[cut:]
+        assert crc32c_combine(crc32c(a), crc32c(b), len(b)) == crc32c(data), cut
+    cuts = [0, 100, 3000, 3001, len(data)]
+    pieces = [(lo, hi - lo, crc32c(data[lo:hi])) for lo, hi in zip(cuts, cuts[1:])]
+    assert combine_pieces(reversed(pieces), len(data)) == crc32c(data)
+    with pytest.raises(ValueError, match="uncovered or overlap"):
+        combine_pieces(pieces[1:], len(data))
+    with pytest.raises(ValueError, match="cover"):
+        combine_pieces(pieces[:-1], len(data))
+
+
+def test_checksum_metadata_builds_the_same_header_as_the_writer(tmp_path: Path) -> None:
+    from torchst.format.header import build_header, encode_prefix
+
+    t = {"a": torch.arange(4.0), "b": torch.arange(3, dtype=torch.int16)}
+    path = tmp_path / "m.safetensors"
+    torchst.save_file(t, path, metadata={"k": "v"}, checksums=True)
+    entries = [("a", "F32", [4], 16), ("b", "I16", [3], 6)]
+    crcs = [crc32c(t["a"].numpy().tobytes()), crc32c(t["b"].numpy().tobytes())]
+    placeholder = build_header(entries, checksum_metadata({"k": "v"}, entries))
+    final = build_header(entries, checksum_metadata({"k": "v"}, entries, crcs))
+    assert len(placeholder) == len(final)  # the header can be overwritten in place
+    raw = path.read_bytes()
+    assert raw[: 8 + len(final)] == encode_prefix(final) + final

@@ -45,7 +45,10 @@ __all__ = [
     "check_from_file",
     "check_header",
     "check_tensors",
+    "checksum_metadata",
+    "combine_pieces",
     "crc32c",
+    "crc32c_combine",
     "encode_record",
     "header_digest",
     "read_checksums",
@@ -107,6 +110,102 @@ def header_digest(
     # ensure_ascii: an internal form only, and it never fails on odd names
     raw = json.dumps([md, body], separators=(",", ":"))
     return crc32c(raw.encode("ascii"))
+
+
+def checksum_metadata(
+    metadata: Mapping[str, str] | None,
+    entries: Sequence[tuple[str, str, Sequence[int], int]],
+    crcs: Sequence[int] | None = None,
+) -> dict[str, str]:
+    """``metadata`` plus the checksum record for a file laid out as ``entries``.
+
+    ``entries`` are ``(name, dtype code, header shape, nbytes)`` in write order (what
+    ``build_header`` takes); ``crcs`` the tensors' CRC32C values in that order, or None for zero
+    placeholders of the same width.  Writers that place bytes themselves (several ranks writing
+    one file) build the header with placeholders, hash what they write (``crc32c``, then
+    ``combine_pieces`` across writers) and overwrite the header with the final record: the
+    header keeps its length, so no data moves.  A record already in ``metadata`` is replaced.
+
+    >>> entries = [("w", "F32", [2], 8)]
+    >>> md = checksum_metadata({"format": "pt"}, entries, [crc32c(bytes(8))])
+    >>> build_header(entries, md)  # doctest: +SKIP
+    """
+    user = {k: v for k, v in (metadata or {}).items() if k != CHECKSUM_KEY}
+    laid, offset = [], 0
+    for name, code, shape, nbytes in entries:
+        laid.append((name, code, shape, offset, offset + nbytes))
+        offset += nbytes
+    values = crcs if crcs is not None else [0] * len(entries)
+    if len(values) != len(entries):
+        raise ValueError(f"{len(values)} checksums for {len(entries)} tensors")
+    record = encode_record(header_digest(user, laid), zip((e[0] for e in entries), values))
+    return {**user, CHECKSUM_KEY: record}
+
+
+def _gf2_times(mat: Sequence[int], vec: int) -> int:
+    out, i = 0, 0
+    while vec:
+        if vec & 1:
+            out ^= mat[i]
+        vec >>= 1
+        i += 1
+    return out
+
+
+def _gf2_square(mat: Sequence[int]) -> list[int]:
+    return [_gf2_times(mat, mat[n]) for n in range(32)]
+
+
+def _zero_operators() -> list[list[int]]:
+    # The operator appending 2**k zero bytes to a CRC32C register, k = 0..63 (zlib's method).
+    one_bit = [0x82F63B78] + [1 << n for n in range(31)]
+    two_bits = _gf2_square(one_bit)
+    four_bits = _gf2_square(two_bits)
+    ops = [_gf2_square(four_bits)]
+    for _ in range(63):
+        ops.append(_gf2_square(ops[-1]))
+    return ops
+
+
+_ZERO_OPS: list[list[int]] = []
+
+
+def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC32C of ``a + b`` from ``crc32c(a)``, ``crc32c(b)`` and ``len(b)`` (no data needed).
+
+    Lets pieces of one tensor be hashed where they are written (threads, ranks) and combined.
+
+    >>> crc32c_combine(crc32c(b"hello "), crc32c(b"world"), 5) == crc32c(b"hello world")
+    True
+    """
+    if len2 <= 0:
+        return crc1
+    if not _ZERO_OPS:
+        _ZERO_OPS.extend(_zero_operators())
+    k = 0
+    while len2:
+        if len2 & 1:
+            crc1 = _gf2_times(_ZERO_OPS[k], crc1)
+        len2 >>= 1
+        k += 1
+    return crc1 ^ crc2
+
+
+def combine_pieces(pieces: Iterable[tuple[int, int, int]], nbytes: int, *, name: str = "tensor") -> int:
+    """The CRC32C of a tensor's ``nbytes`` bytes from ``(offset, length, crc)`` pieces that tile them.
+
+    >>> combine_pieces([(5, 6, crc32c(b" world")), (0, 5, crc32c(b"hello"))], 11) == crc32c(b"hello world")
+    True
+    """
+    crc, pos = 0, 0
+    for offset, length, piece in sorted(pieces):
+        if offset != pos:
+            raise ValueError(f"{name}: pieces leave bytes [{pos:,}, {offset:,}) uncovered or overlap")
+        crc = crc32c_combine(crc, piece, length)
+        pos += length
+    if pos != nbytes:
+        raise ValueError(f"{name}: pieces cover {pos:,} of {nbytes:,} bytes")
+    return crc
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from .._dtypes import DType, from_torch
 from ..errors import SerializationError, SharedTensorError
 from ..storage.atomic import OutputFile, open_output
 from ..storage.buffers import io_pool, pwrite_all, tensor_bytes, write_all, writev_all
-from .checksum import CHECKSUM_KEY, crc32c, encode_record, header_digest
+from .checksum import CHECKSUM_KEY, checksum_metadata, crc32c
 from .header import METADATA_KEY, build_header, encode_prefix
 
 __all__ = [
@@ -52,7 +52,6 @@ class WritePlan:
     checksums: bool = False
     _entries: tuple[tuple[str, str, list[int], int], ...] = ()
     _metadata: dict[str, str] | None = None
-    _header_crc: int = 0
 
     @property
     def total_size(self) -> int:
@@ -60,9 +59,7 @@ class WritePlan:
 
     def final_header(self, crcs: Sequence[int]) -> bytes:
         """The header with the tensors' CRC32C values (in write order); same length as ``header``."""
-        md = dict(self._metadata or {})
-        md[CHECKSUM_KEY] = encode_record(self._header_crc, zip((n for n, _ in self.order), crcs))
-        raw = build_header(self._entries, md)
+        raw = build_header(self._entries, checksum_metadata(self._metadata, self._entries, crcs))
         out = encode_prefix(raw) + raw
         assert len(out) == len(self.header), "checksum values are fixed-width"
         return out
@@ -183,21 +180,10 @@ def plan_write(
     if not checksums:
         header = build_header(entries, md)
         return WritePlan(encode_prefix(header) + header, order)
+    build_header(entries, md)  # validates the user's metadata before it is hashed
     user = dict(md or {})
-    header_crc = 0
-    if all(isinstance(k, str) and isinstance(v, str) for k, v in user.items()):  # else build_header raises
-        header_crc = header_digest(user, _with_offsets(entries))
-    placeholder = {**user, CHECKSUM_KEY: encode_record(header_crc, ((n, 0) for n in names))}
-    header = build_header(entries, placeholder)
-    return WritePlan(encode_prefix(header) + header, order, True, tuple(entries), user, header_crc)
-
-
-def _with_offsets(entries: Sequence[tuple[str, str, list[int], int]]) -> list[tuple[str, str, list[int], int, int]]:
-    out, offset = [], 0
-    for n, code, shape, nbytes in entries:
-        out.append((n, code, shape, offset, offset + nbytes))
-        offset += nbytes
-    return out
+    header = build_header(entries, checksum_metadata(user, entries))  # zero placeholders
+    return WritePlan(encode_prefix(header) + header, order, True, tuple(entries), user)
 
 
 def write_tensors(
