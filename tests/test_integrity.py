@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
@@ -342,7 +343,7 @@ def test_crc32c_combine_and_pieces_for_writers_that_place_bytes_themselves() -> 
         a, b = data[:cut], data[cut:]
         assert crc32c_combine(crc32c(a), crc32c(b), len(b)) == crc32c(data), cut
     cuts = [0, 100, 3000, 3001, len(data)]
-    pieces = [(lo, hi - lo, crc32c(data[lo:hi])) for lo, hi in zip(cuts, cuts[1:])]
+    pieces = [(lo, hi - lo, crc32c(data[lo:hi])) for lo, hi in itertools.pairwise(cuts)]
     assert combine_pieces(reversed(pieces), len(data)) == crc32c(data)
     with pytest.raises(ValueError, match="uncovered or overlap"):
         combine_pieces(pieces[1:], len(data))
