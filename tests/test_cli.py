@@ -125,3 +125,22 @@ def test_console_script_and_module_entry_point(tmp_path: Path) -> None:
     assert out.returncode == 0 and "OK: 1 tensors" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "torchst", "frobnicate"], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_diff_nan_positions_and_complex_values(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    nan = float("nan")
+    torchst.save_file(
+        {"c": torch.tensor([1 + 1j, 2j]), "n": torch.tensor([nan, 1.0]), "m": torch.tensor([nan, 2.0])}, a
+    )
+    torchst.save_file(
+        {"c": torch.tensor([1 + 1j, 3j]), "n": torch.tensor([1.0, nan]), "m": torch.tensor([nan, 2.5])}, b
+    )
+    assert main(["diff", str(a), str(b)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "~ c: max abs difference 1 (atol 0)",
+        "~ m: max abs difference 0.5 (atol 0)",
+        "~ n: max abs difference 0 (atol 0), NaN positions differ",
+        "3 difference(s): 3 vs 3 tensors",
+    ]

@@ -200,9 +200,11 @@ def convert_checkpoint(
         files = _legacy_files(s) if os.path.isdir(s) else [s]
         kind = sniff(files[0])
         tensors = load_legacy(s, progress=progress)
-    with _progress(total=1, desc="Saving", unit="checkpoint", enabled=progress) as bar:
+    # One step: the bar shows the size being written from the start and completes when it is saved.
+    size = sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors.values()}.values())
+    with _progress(total=size, desc="Saving", enabled=progress) as bar:
         saved = save_state_dict(tensors, d, max_shard_size=max_shard_size, metadata=metadata or {"format": "pt"})
-        bar.update(1)
+        bar.update(size)
     written = saved.files + ((saved.index_file,) if saved.index_file else ())
     files_written = tuple(os.path.join(saved.directory, f) for f in written)
     return ConvertResult(kind, len(tensors) - len(saved.aliases), dict(saved.aliases), files_written)

@@ -272,7 +272,8 @@ def _part(plan: _Plan, headers: dict[str, Header]) -> Part:
     if plan.index is None:
         (path,) = plan.files
         h = headers[path]
-        tensors = {n: StoredTensor(path, h.data_start, info) for n, info in h.tensors.items()}
+        start = h.data_start
+        tensors = {n: StoredTensor(path, start, info) for n, info in h.tensors.items()}
         metadata[path] = dict(h.metadata or {})
         records = [metadata[path]]
     else:
@@ -290,7 +291,8 @@ def _part(plan: _Plan, headers: dict[str, Header]) -> Part:
                 )
             metadata[path] = dict(h.metadata or {})
             records.append(metadata[path])
-            tensors.update((n, StoredTensor(path, h.data_start, h.tensors[n])) for n in expected)
+            start = h.data_start
+            tensors.update((n, StoredTensor(path, start, h.tensors[n])) for n in expected)
     aliases: dict[str, str] = {}
     for md in records:
         aliases.update(aliases_from_metadata(md, names=tensors))

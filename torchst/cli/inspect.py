@@ -37,16 +37,17 @@ def part_doc(layout: Layout, part: Part) -> dict[str, Any]:
     metadata: dict[str, str] = {}
     for md in part.metadata.values():
         metadata.update(user_metadata(md))
+    names = {f: rel(layout, f) for f in part.files}  # once per file, not per tensor
     return {
         "label": part.label,
         "role": part.role,
-        "files": [rel(layout, f) for f in part.files],
+        "files": list(names.values()),
         "tensors": {
             n: {
                 "dtype": t.info.dtype,
                 "shape": list(t.info.shape),
                 "nbytes": t.info.nbytes,
-                "file": rel(layout, t.file),
+                "file": names[t.file],
             }
             for n, t in sorted(part.tensors.items())
         },
