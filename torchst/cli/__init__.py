@@ -72,15 +72,16 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
         return f"torchst: {record.getMessage()}"
 
 
-def _setup_logging(quiet: bool) -> logging.Handler:
+def _setup_logging(quiet: bool) -> tuple[logging.Handler, int]:
     # The library logs what users want to know (a nested key chosen, a fallback); show it on stderr.
     handler = _Handler(sys.stderr)
     handler.setLevel(logging.WARNING if quiet else logging.INFO)
     logger = logging.getLogger("torchst")
+    level = logger.level
     logger.addHandler(handler)
-    if logger.level == logging.NOTSET or logger.level > handler.level:
+    if level == logging.NOTSET or level > handler.level:
         logger.setLevel(handler.level)
-    return handler
+    return handler, level
 
 
 def _describe_os_error(e: OSError) -> str:
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version (0) or a usage error (2, message already printed)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
-    handler = _setup_logging(args.quiet)
+    handler, level = _setup_logging(args.quiet)
     prog = f"torchst {args.command}"
     try:
         return int(args.run(args))
@@ -118,5 +119,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         print(f"{prog}: error: {_describe_os_error(e)}", file=sys.stderr)
         return EXIT_USAGE
-    finally:
+    finally:  # main() may be called in-process: leave logging as we found it
         logging.getLogger("torchst").removeHandler(handler)
+        logging.getLogger("torchst").setLevel(level)

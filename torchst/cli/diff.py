@@ -148,13 +148,21 @@ class Comparer:
         if self.wide is None or self.wide.dtype != wide:
             self.wide = torch.empty(self.chunk // 2, dtype=wide)  # reused: no allocation per chunk
         d = self.wide[:count]
-        d.copy_(ta)
-        d.sub_(tb)
-        diff = d.abs() if d.is_complex() else d.abs_()
-        worst = float(diff.max()) if count else 0.0
+        if dt == wide:
+            torch.sub(ta, tb, out=d)  # one pass
+        else:
+            d.copy_(ta)
+            d.sub_(tb)
+        if not count:
+            return 0.0, False
+        if d.is_complex():
+            worst = float(d.abs().max())
+        else:
+            lo, hi = torch.aminmax(d)  # one pass instead of abs() then max()
+            worst = max(-float(lo), float(hi))
         if math.isnan(worst):  # NaN somewhere: compare NaN positions, then measure the rest
             nan_mismatch = bool((torch.isnan(ta) != torch.isnan(tb)).any())
-            return float(diff.nan_to_num_(0.0).max()), nan_mismatch
+            return float(d.abs().nan_to_num_(0.0).max()), nan_mismatch
         return worst, False
 
 
