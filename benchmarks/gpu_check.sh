@@ -116,11 +116,13 @@ EOF
 
 # -- 3. the GPU tests (only files that hold some; collection of the rest costs time) ------------------
 cd "$ROOT" || fail "cannot enter $ROOT"
-mapfile -t files < <(grep -l "mark.gpu" tests/test_*.py)
-timeout "$PYTEST_S" "$PY" -m pytest -m gpu -q -o addopts=-ra -p no:cacheprovider \
+mapfile -t files < <(grep -rl --include="test_*.py" "mark.gpu" tests | sort)
+per_test=()  # a hung test is stopped with its stack in the log, not by the whole step's timeout
+"$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=90)
+timeout "$PYTEST_S" "$PY" -m pytest -m gpu -v -o addopts=-ra -p no:cacheprovider "${per_test[@]}" \
     --junitxml="$OUT_DIR/pytest-gpu.xml" "${files[@]}" >"$OUT_DIR/pytest-gpu.log" 2>&1
 test_rc=$?
-result=$(grep -E " in [0-9.]+s" "$OUT_DIR/pytest-gpu.log" | tail -n 1)
+result=$(grep -E " in [0-9.]+s" "$OUT_DIR/pytest-gpu.log" | tail -n 1 | tr -d "=" | xargs)
 [ $test_rc -eq 124 ] && result="stopped after ${PYTEST_S}s (GPU_CHECK_PYTEST_S); $result"
 say "tests (pytest -m gpu, ${#files[@]} files): rc=$test_rc ${result:-no summary line, see pytest-gpu.log} [$(elapsed)s]"
 
@@ -130,6 +132,7 @@ if [ $left -lt 90 ]; then
     say "benchmark not run: only ${left}s of the ${BUDGET}s budget left (GPU_CHECK_BUDGET_S)"
     bench_rc=1
 else
+    # No benchmark job starts after --budget-s, and one that started ends within 60 s more.
     size=(--gb "$GB")
     [ "$DEVICE" = cpu ] && size=(--tiny)
     PYTHONUNBUFFERED=1 timeout "$left" "$PY" benchmarks/bench_gpu.py --device "$DEVICE" "${size[@]}" --dir "$SCRATCH" \
