@@ -22,7 +22,7 @@ import inspect
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple, TypeVar
 
@@ -219,8 +219,9 @@ def load_model(
         missing = [k for k in missing if not any(o in loaded for o in tied_now.get(k, ()))]
     if assign:
         _place_leftovers(model, loaded, dev, prefixes)
-    if strict and (missing or unexpected):
-        raise CheckpointError(_mismatch_message(model, ckpt.source, missing, unexpected))
+    unindexed = sorted(n for names in ckpt.unindexed.values() for n in names)
+    if strict and (missing or unexpected or unindexed):
+        raise CheckpointError(_mismatch_message(model, ckpt.source, missing, unexpected, unindexed))
     return LoadResult(missing, unexpected)
 
 
@@ -306,12 +307,20 @@ def _place_leftovers(model: nn.Module, loaded: set[str], dev: torch.device, pref
         )
 
 
-def _mismatch_message(model: nn.Module, source: str, missing: list[str], unexpected: list[str]) -> str:
+def _mismatch_message(
+    model: nn.Module, source: str, missing: list[str], unexpected: list[str], unindexed: Sequence[str] = ()
+) -> str:
     msg = f"Error(s) in loading {source} into {type(model).__name__}:"
     if missing:
         msg += "\n    Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in sorted(missing))
     if unexpected:
         msg += "\n    Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in sorted(unexpected))
+    if unindexed:
+        msg += (
+            "\n    Stored in shards but not listed by the index (not loaded): "
+            + ", ".join(f'"{k}"' for k in unindexed[:20])
+            + (f" and {len(unindexed) - 20} more" if len(unindexed) > 20 else "")
+        )
     return msg + "\n  pass strict=False to load the matching keys and get the lists back"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .debris import Debris, cleanup, find_debris
 from .index import INDEX_SUFFIX, ShardIndex, index_filename, read_index
 from .plan import SINGLE_FILE, ShardPlan, check_shard_name, parse_size, plan_shards, shard_filename
 
@@ -25,10 +26,16 @@ __all__ = [
     "OPEN_ATTEMPTS",
     "SINGLE_FILE",
     "Checkpoint",
+    "Debris",
+    "Debris",
     "SaveResult",
     "ShardIndex",
     "ShardPlan",
     "check_shard_name",
+    "cleanup",
+    "find_debris",
+    "cleanup",
+    "find_debris",
     "index_filename",
     "load_state_dict",
     "open_checkpoint",

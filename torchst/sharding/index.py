@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CheckpointNotFoundError, ShardIndexError
+from ..format.header import _no_duplicates, _reject_constant
 from .plan import check_shard_name
 
 __all__ = ["INDEX_SUFFIX", "MAX_INDEX_SIZE", "ShardIndex", "index_filename", "read_index"]
@@ -65,8 +66,19 @@ class ShardIndex:
     def parse(cls, text: str | bytes, *, source: str = "<index>") -> ShardIndex:
         """Validate an index: JSON object, ``weight_map`` of str -> safe ``.safetensors`` names."""
         try:
-            data = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            # The header parser's rules: a duplicated key (two shards for one tensor) or NaN is an error.
+            data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        except RecursionError:
+            raise ShardIndexError(
+                f"{source}: the index nests JSON too deeply to parse; an index is a flat "
+                "{'metadata': {...}, 'weight_map': {tensor name: shard file}}"
+            ) from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, duplicate keys, NaN
+            if str(e).startswith("duplicate key"):
+                raise ShardIndexError(
+                    f"{source}: the index has a {e}; each tensor lives in exactly one shard, so a name may appear "
+                    "once in 'weight_map' (rewrite the index, e.g. by saving the checkpoint again)"
+                ) from None
             raise ShardIndexError(f"{source}: the index is not valid JSON ({e})") from None
         if not isinstance(data, dict):
             raise ShardIndexError(f"{source}: the index must be a JSON object, found {type(data).__name__}")

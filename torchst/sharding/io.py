@@ -46,8 +46,9 @@ from ..errors import SerializationError, ShardIndexError, TorchstError
 from ..format.writer import plan_write, write_tensors
 from ..storage.atomic import atomic_write, fsync_dir, open_output, temp_path, write_error
 from .checkpoint import Checkpoint, load_state_dict, open_checkpoint
+from .debris import ATOMIC_TEMP, SHARD_TEMP, save_lock
 from .index import ShardIndex, index_filename, read_index
-from .plan import SINGLE_FILE, plan_shards
+from .plan import SINGLE_FILE, ShardPlan, plan_shards
 
 # Checkpoint, open_checkpoint and load_state_dict live in .checkpoint; re-exported for old imports.
 __all__ = ["Checkpoint", "SaveResult", "load_state_dict", "open_checkpoint", "save_state_dict"]
@@ -56,8 +57,8 @@ PathLike = str | os.PathLike[str]
 # Shards written concurrently: enough to use every core for page-cache copies, few enough to keep
 # accelerator staging buffers (one per writer) bounded.
 SHARD_WRITERS = 4
-_TEMP = re.compile(r"^\.tmp-[0-9a-f]{12}-.+\.safetensors$")
-_ATOMIC_TEMP = re.compile(r"^\.model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?\.tmp-[0-9a-f]{12}$")
+_TEMP = SHARD_TEMP
+_ATOMIC_TEMP = ATOMIC_TEMP
 _OURS = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 
 
@@ -145,6 +146,18 @@ def _save_directory(
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
         raise write_error(e, directory) from e
+    with save_lock(directory):  # shared: tells cleanup() a save is running here
+        return _write_and_commit(tensors, aliases, directory, plan, metadata, fsync)
+
+
+def _write_and_commit(
+    tensors: Mapping[str, torch.Tensor],
+    aliases: Mapping[str, str],
+    directory: str,
+    plan: ShardPlan,
+    metadata: Mapping[str, str] | None,
+    fsync: bool,
+) -> SaveResult:
     old = _committed_files(directory)
     token = uuid.uuid4().hex[:12]
     temps = {fn: f".tmp-{token}-{fn}" for fn in plan.filenames}
