@@ -242,9 +242,9 @@ def test_temporaries_named_by_the_committed_index_are_not_debris(tmp_path: Path,
 def test_cleanup_refuses_while_a_save_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ckpt = sharded(tmp_path)
     _killed_save(ckpt, monkeypatch)
-    with save_lock(str(ckpt)):  # what every sharded save holds while it runs
-        with pytest.raises(CheckpointLockedError, match="a save into this directory is in progress"):
-            cleanup(ckpt)
+    # save_lock: what every sharded save holds while it runs
+    with save_lock(str(ckpt)), pytest.raises(CheckpointLockedError, match="a save into this directory is in progress"):
+        cleanup(ckpt)
     assert len(cleanup(ckpt)) == 2
 
 

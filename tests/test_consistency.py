@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -224,3 +225,89 @@ def test_index_naming_model_safetensors_is_retargeted_before_overwrite(tmp_path:
         sio._link_over = real  # type: ignore[assignment]
     assert seen == [{1.0}, {1.0}]
     assert sorted(os.listdir(tmp_path)) == ["model.safetensors"]
+
+
+# -- many processes ----------------------------------------------------------------------
+
+READERS = ("mmap", "pread", "eager", "safe_open")
+SHARD_CYCLES = {"reused": (4,), "new": (4, 2, 1, 8, 2)}
+
+
+def _writer(directory: str, mode: str, stop: Any, gens: Any) -> None:
+    cycle = SHARD_CYCLES[mode]
+    gen = 1
+    while not stop.is_set():
+        # Odd generations are bf16 and wider: bytes read with another save's header would show.
+        kw: dict[str, Any] = {"dtype": torch.bfloat16, "width": 96} if gen % 2 else {}
+        tensors = generation(gen, **kw)
+        shards = cycle[gen % len(cycle)]
+        per = next(iter(tensors.values())).nbytes * (N // shards)
+        save_state_dict(tensors, directory, max_shard_size=None if shards == 1 else per)
+        gens.value = gen
+        gen += 1
+
+
+def _reader(directory: str, kind: str, seconds: float, out: Any) -> None:
+    loads, mixed, errors, samples = 0, 0, {}, []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            if kind == "safe_open":
+                sd = {}
+                with open_checkpoint(directory) as ckpt:
+                    for path in ckpt.files:
+                        with ckpt.open_file(path) as f:
+                            sd.update((n, f.get_tensor(n)) for n in f)
+            else:
+                sd = load_state_dict(directory, backend=kind)
+            values = {v for t in sd.values() for v in t.float().unique().tolist()}
+            shapes = {(t.dtype, tuple(t.shape)) for t in sd.values()}
+            loads += 1
+            if sorted(sd) != [f"t{i}" for i in range(N)] or len(values) != 1 or len(shapes) != 1:
+                mixed += 1
+                samples.append(f"{sorted(sd)} {sorted(values)} {shapes}")
+        except Exception as e:  # noqa: BLE001 - every kind of failure is counted and judged below
+            name = type(e).__name__ + ("" if isinstance(e, torchst.TorchstError) else " (not a torchst error)")
+            errors[name] = errors.get(name, 0) + 1
+            if not isinstance(e, torchst.TorchstError):
+                samples.append(f"{name}: {e}")
+    out.put((kind, loads, mixed, errors, samples[:3]))
+
+
+def _stress(tmp_path: Path, mode: str, seconds: float, per_kind: int) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    directory = str(tmp_path / "ckpt")
+    save_state_dict(generation(0), directory, max_shard_size=256 * 2)
+    stop, gens, out = ctx.Event(), ctx.Value("i", 0), ctx.Queue()
+    writer = ctx.Process(target=_writer, args=(directory, mode, stop, gens))
+    readers = [ctx.Process(target=_reader, args=(directory, k, seconds, out)) for k in READERS for _ in range(per_kind)]
+    writer.start()
+    for r in readers:
+        r.start()
+    results = [out.get(timeout=seconds + 120) for _ in readers]
+    stop.set()
+    writer.join(60)
+    for r in readers:
+        r.join(60)
+    assert writer.exitcode == 0
+    report = "\n".join(map(str, results))
+    assert gens.value >= 3, f"the writer saved only {gens.value} times\n{report}"
+    for kind, loads, mixed, errors, samples in results:
+        assert mixed == 0, f"{kind}: {mixed} mixed loads, e.g. {samples}\n{report}"
+        assert not any("not a torchst error" in e for e in errors), f"{kind}: {errors} {samples}\n{report}"
+        assert loads > 0, f"{kind}: no load succeeded ({errors})\n{report}"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", sorted(SHARD_CYCLES))
+def test_stress_readers_during_resaves(tmp_path: Path, mode: str) -> None:
+    _stress(tmp_path, mode, seconds=1.5, per_kind=1)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", sorted(SHARD_CYCLES))
+def test_stress_readers_during_resaves_long(tmp_path: Path, mode: str) -> None:
+    _stress(tmp_path, mode, seconds=20, per_kind=2)
