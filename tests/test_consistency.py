@@ -286,11 +286,16 @@ def _stress(tmp_path: Path, mode: str, seconds: float, per_kind: int) -> None:
     writer.start()
     for r in readers:
         r.start()
-    results = [out.get(timeout=seconds + 120) for _ in readers]
-    stop.set()
-    writer.join(60)
-    for r in readers:
-        r.join(60)
+    try:
+        results = [out.get(timeout=seconds + 120) for _ in readers]
+        stop.set()
+        writer.join(60)
+        for r in readers:
+            r.join(60)
+    finally:
+        for p in [writer, *readers]:
+            if p.is_alive():
+                p.kill()
     assert writer.exitcode == 0
     report = "\n".join(map(str, results))
     assert gens.value >= 3, f"the writer saved only {gens.value} times\n{report}"
@@ -311,3 +316,23 @@ def test_stress_readers_during_resaves(tmp_path: Path, mode: str) -> None:
 @pytest.mark.parametrize("mode", sorted(SHARD_CYCLES))
 def test_stress_readers_during_resaves_long(tmp_path: Path, mode: str) -> None:
     _stress(tmp_path, mode, seconds=20, per_kind=2)
+
+
+@pytest.mark.multiprocess
+def test_forked_child_reads_after_the_parent_used_the_io_pool(tmp_path: Path) -> None:
+    import multiprocessing as mp
+
+    from torchst.format._buffers import io_pool
+
+    save(tmp_path, 5, 2)
+    io_pool().submit(lambda: None).result()  # the parent's pool threads exist; a child has none
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=lambda: out.put(sorted(generations(load_state_dict(tmp_path, backend="pread")))))
+    child.start()
+    try:
+        assert out.get(timeout=60) == [5.0]
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()

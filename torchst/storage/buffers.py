@@ -26,6 +26,18 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
+def _forget_pool_in_child() -> None:
+    # A forked child (a DataLoader worker, a multiprocessing reader) inherits the pool object but
+    # none of its threads: work submitted to it would wait forever.  The child starts its own.
+    global _pool, _pool_lock
+    _pool = None
+    _pool_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def io_pool() -> ThreadPoolExecutor:
     """A process-wide thread pool for parallel reads and writes (os.preadv/os.writev release the GIL)."""
     global _pool
