@@ -154,9 +154,10 @@ def test_cli_prints_no_traceback_for_a_nested_index(tmp_path: Path, capsys: pyte
     from torchst.cli import main
 
     ckpt = _index(sharded(tmp_path), "[" * 100_000 + "]" * 100_000)
-    assert main(["verify", str(ckpt)]) == 2
+    assert main(["verify", str(ckpt)]) == 1  # a damaged checkpoint
     captured = capsys.readouterr()
-    assert "nests JSON too deeply" in captured.err and "Traceback" not in captured.err
+    assert "CORRUPT: " in captured.out and "nests JSON too deeply" in captured.out
+    assert "Traceback" not in captured.err + captured.out
 
 
 def _unindexed(directory: Path) -> Path:
@@ -259,3 +260,40 @@ def test_atomic_temporaries_go_only_when_stale(tmp_path: Path) -> None:
     assert [d.path for d in cleanup(ckpt)] == [str(old)]  # a live save_file may still own the fresh one
     assert fresh.exists() and not old.exists()
     assert [d.path for d in cleanup(ckpt, stale_after=0)] == [str(fresh)]
+
+
+# -- command line ------------------------------------------------------------------------
+
+
+def test_cli_verify_reports_debris_and_cleanup_removes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from torchst.cli import main
+
+    ckpt = sharded(tmp_path)
+    _killed_save(ckpt, monkeypatch)
+    assert main(["verify", str(ckpt)]) == 0  # leftovers are not damage
+    out = capsys.readouterr().out
+    assert "note: 2 temporary file(s) left by interrupted saves" in out and f"torchst cleanup {ckpt}" in out
+    assert main(["verify", "--json", str(ckpt)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["debris"]) == 2 and all(d["kind"] == "shard temporary" for d in doc["debris"])
+    with save_lock(str(ckpt)):
+        assert main(["cleanup", str(ckpt)]) == 2
+    assert "a save into this directory is in progress" in capsys.readouterr().err
+    assert main(["cleanup", "--dry-run", str(ckpt)]) == 0
+    assert "would remove 2 leftover file(s)" in capsys.readouterr().out and len(find_debris(ckpt)) == 2
+    assert main(["cleanup", str(ckpt)]) == 0
+    assert "removed 2 leftover file(s)" in capsys.readouterr().out
+    assert find_debris(ckpt) == [] and equal(load_state_dict(ckpt), SD)
+    assert main(["cleanup", str(ckpt)]) == 0
+    assert "nothing to clean" in capsys.readouterr().out
+
+
+def test_cli_verify_reports_unindexed_tensors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from torchst.cli import main
+
+    ckpt = _unindexed(tmp_path)
+    assert main(["verify", str(ckpt)]) == 1
+    out = capsys.readouterr().out
+    assert "CORRUPT: 1 tensor(s) stored in shards are not listed by the index" in out and "'w1'" in out

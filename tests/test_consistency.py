@@ -322,7 +322,7 @@ def test_stress_readers_during_resaves_long(tmp_path: Path, mode: str) -> None:
 def test_forked_child_reads_after_the_parent_used_the_io_pool(tmp_path: Path) -> None:
     import multiprocessing as mp
 
-    from torchst.format._buffers import io_pool
+    from torchst.storage.buffers import io_pool
 
     save(tmp_path, 5, 2)
     io_pool().submit(lambda: None).result()  # the parent's pool threads exist; a child has none

@@ -36,6 +36,7 @@ from .errors import CheckpointError, CheckpointNotFoundError, FormatError, Shard
 from .format.header import Header, TensorInfo, parse_header, read_header_length
 from .manager.layout import MANIFEST, committed_steps, parse_manifest, step_location
 from .sharding.index import INDEX_SUFFIX, ShardIndex, index_filename, read_index
+from .sharding.links import check_link, trusted_roots_from
 from .sharding.plan import SINGLE_FILE
 
 __all__ = [
@@ -85,6 +86,8 @@ class Part:
     tensors: dict[str, StoredTensor]
     aliases: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, dict[str, str]] = field(default_factory=dict)  # file -> its __metadata__
+    # shard -> tensors stored there that the index does not read from it (loaders never see them)
+    unindexed: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -185,6 +188,7 @@ def _checkpoint_plan(path: str, label: str = "", role: str = "weights") -> _Plan
         return _index_plan(index, label, role, source=path)
     single = os.path.join(path, SINGLE_FILE)
     if os.path.isfile(single):
+        check_link(path, SINGLE_FILE, trusted_roots_from(None), path)
         return _Plan(label, role, path, [single])
     entries = sorted(e for e in os.listdir(path) if not e.startswith("."))
     indexes = [e for e in entries if e.endswith(INDEX_SUFFIX)]
@@ -192,6 +196,7 @@ def _checkpoint_plan(path: str, label: str = "", role: str = "weights") -> _Plan
     if len(indexes) == 1:
         return _index_plan(os.path.join(path, indexes[0]), label, role, source=path)
     if not indexes and len(files) == 1:
+        check_link(path, files[0], trusted_roots_from(None), path)
         return _Plan(label, role, path, [os.path.join(path, files[0])])
     legacy = [e for e in entries if e in _LEGACY_NAMES or re.match(r"^pytorch_model-\d+-of-\d+\.bin$", e)]
     if legacy and not indexes and not files:
@@ -207,10 +212,14 @@ def _checkpoint_plan(path: str, label: str = "", role: str = "weights") -> _Plan
 
 
 def _index_plan(index_path: str, label: str, role: str, source: str | None = None) -> _Plan:
-    index = read_index(index_path)
     directory = os.path.dirname(index_path)
+    roots = trusted_roots_from(None)
+    if source is not None:  # found inside the directory the user named: the link policy applies
+        check_link(directory, os.path.basename(index_path), roots, source)
+    index = read_index(index_path)
     files = []
     for fn in index.filenames:
+        check_link(directory, fn, roots, index_path)
         shard = os.path.join(directory, fn)
         if not os.path.isfile(shard):
             expected = [n for n, f in index.weight_map.items() if f == fn]
@@ -267,6 +276,7 @@ def _step_plans(step_path: str, prefix: str = "") -> list[_Plan]:
 
 
 def _part(plan: _Plan, headers: dict[str, Header]) -> Part:
+    unindexed: dict[str, tuple[str, ...]] = {}
     tensors: dict[str, StoredTensor] = {}
     metadata: dict[str, dict[str, str]] = {}
     if plan.index is None:
@@ -279,10 +289,14 @@ def _part(plan: _Plan, headers: dict[str, Header]) -> Part:
     else:
         assert plan.index_path is not None
         records = [{k: v for k, v in plan.index.metadata.items() if isinstance(v, str)}]
+        directory = os.path.dirname(plan.index_path)
         for path in plan.files:
             h = headers[path]
-            fn = os.path.basename(path)
+            fn = os.path.relpath(path, directory) if directory else path
             expected = [n for n, f in plan.index.weight_map.items() if f == fn]
+            extra = tuple(n for n in h.tensors if plan.index.weight_map.get(n) != fn)
+            if extra:
+                unindexed[path] = extra
             absent = [n for n in expected if n not in h.tensors]
             if absent:
                 raise ShardIndexError(
@@ -301,7 +315,16 @@ def _part(plan: _Plan, headers: dict[str, Header]) -> Part:
             raise ShardIndexError(f"{plan.source}: alias {alias!r} refers to {kept!r}, which no file stores")
         if alias in tensors:
             raise ShardIndexError(f"{plan.source}: {alias!r} is recorded as an alias of {kept!r} but is also stored")
-    return Part(plan.label, plan.role, plan.source, tuple(plan.files), tensors, dict(sorted(aliases.items())), metadata)
+    return Part(
+        plan.label,
+        plan.role,
+        plan.source,
+        tuple(plan.files),
+        tensors,
+        dict(sorted(aliases.items())),
+        metadata,
+        unindexed,
+    )
 
 
 def user_metadata(md: dict[str, str]) -> dict[str, str]:

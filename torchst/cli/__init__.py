@@ -1,4 +1,4 @@
-"""The ``torchst`` command line: ``inspect | verify | convert | diff``.
+"""The ``torchst`` command line: ``inspect | verify | convert | diff | cleanup``.
 
 Each subcommand lives in its own module with ``register(subparsers)`` (arguments, help) and
 ``run(args) -> exit code``; adding one is a new module plus a line in ``COMMANDS``.
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import TorchstError
-from . import convert, diff, inspect, verify
+from . import cleanup, convert, diff, inspect, verify
 
 __all__ = ["COMMANDS", "EXIT_DIFFERENT", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -32,7 +32,7 @@ EXIT_DIFFERENT = 1  # diff found differences, verify found corruption
 EXIT_USAGE = 2  # bad arguments or unreadable input
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 
-COMMANDS = (inspect, verify, convert, diff)
+COMMANDS = (inspect, verify, convert, diff, cleanup)
 
 EPILOG = """\
 exit codes:

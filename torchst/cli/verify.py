@@ -59,7 +59,24 @@ def _check(make: Any, full: bool, enabled: bool) -> dict[str, Any]:
     except TorchstError as e:
         return {"ok": False, "error": type(e).__name__, "message": str(e)}
     tensors = sum(len(p.tensors) for p in layout.parts)
+    unindexed = {f: list(names) for p in layout.parts for f, names in p.unindexed.items()}
+    if unindexed:
+        count = sum(map(len, unindexed.values()))
+        path, names = next(iter(unindexed.items()))
+        return {
+            "ok": False,
+            "error": "UnindexedTensors",
+            "message": f"{count} tensor(s) stored in shards are not listed by the index, so loaders never read them "
+            f"(e.g. {names[0]!r} in {path}); the index and the shards come from different saves",
+            "unindexed": unindexed,
+        }
     return {"ok": True, "tensors": tensors, "files": len(layout.files), "bytes_read": read, "layout": layout}
+
+
+def _debris(path: str) -> list[Any]:
+    from ..sharding.debris import find_debris
+
+    return find_debris(path) if os.path.isdir(path) else []
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         results = {None: _check(lambda: resolve(path, progress=bars), args.full, bars)}
         kind = results[None]["layout"].kind if results[None]["ok"] else "unknown"
     ok = all(r["ok"] for r in results.values())
+    debris = _debris(path)  # leftovers of interrupted saves: worth knowing, not damage
     if args.json:
         checks = []
         for step, r in results.items():
@@ -83,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
             if step is not None:
                 entry["step"] = step
             checks.append(entry)
-        emit_json({"path": path, "kind": kind, "ok": ok, "full": args.full, "checks": checks})
+        leftovers = [{"path": d.path, "bytes": d.nbytes, "age_s": round(d.age, 1), "kind": d.kind} for d in debris]
+        emit_json({"path": path, "kind": kind, "ok": ok, "full": args.full, "checks": checks, "debris": leftovers})
         return 0 if ok else 1
     for step, r in results.items():
         where = f"step_{step}: " if step is not None else ""
@@ -92,6 +111,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"{where}OK: {r['tensors']:,} tensors in {r['files']} file(s), {what}{read}")
         else:
             print(f"{where}CORRUPT: {r['message']}")
+    if debris:
+        print(
+            f"note: {len(debris)} temporary file(s) left by interrupted saves ({human(sum(d.nbytes for d in debris))}),"
+            f" e.g. {os.path.basename(debris[0].path)}; remove them with `torchst cleanup {path}`"
+        )
     if kind == "run":
         bad = [s for s, r in results.items() if not r["ok"]]
         print(

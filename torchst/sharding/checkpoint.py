@@ -19,11 +19,9 @@ Reader protocol (the writer's half, and the crash protocol, are in ``torchst.sha
    or deleted.  ``close()`` (or ``with``) releases them; until then replaced files keep their
    disk space.
 
-Symlinks: the path the user gives is followed wherever it leads.  Files found inside a
-checkpoint directory (the index, shards, a ``model.safetensors``) must resolve inside that
-directory, into the ``blobs/`` folder of a Hugging Face cache when the directory is a
-``snapshots/<rev>`` folder of one (``snapshots/<rev>/… -> ../../blobs/…``), or under a trusted
-root (``trusted_roots=[...]`` or ``TORCHST_TRUSTED_ROOTS``, paths separated by ``os.pathsep``).
+Symlinks follow the policy of ``torchst.sharding.links``: the path the user gives is followed;
+files found inside a checkpoint directory must stay in it, lead into a Hugging Face cache's
+``blobs/``, or lie under a trusted root.
 """
 
 from __future__ import annotations
@@ -55,6 +53,7 @@ from ..format.header import Header, TensorInfo, parse_header, read_header_length
 from ..format.reader import BACKENDS, DeviceLike, SafeFile, _from_window, _gc_paused, _torch_shape
 from ..storage.buffers import tensor_bytes
 from .index import INDEX_SUFFIX, MAX_INDEX_SIZE, ShardIndex, index_filename
+from .links import TRUSTED_ROOTS_ENV, check_link, trusted_roots_from
 from .plan import SINGLE_FILE
 
 __all__ = ["OPEN_ATTEMPTS", "TRUSTED_ROOTS_ENV", "Checkpoint", "load_state_dict", "open_checkpoint"]
@@ -64,7 +63,6 @@ PathLike = str | os.PathLike[str]
 # A writer commits at most a few times a second; a reader that loses this many races in a row
 # (about 0.4 s of backoff in all) is facing a writer in a tight loop and should hear about it.
 OPEN_ATTEMPTS = 10
-TRUSTED_ROOTS_ENV = "TORCHST_TRUSTED_ROOTS"
 _O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -344,47 +342,6 @@ def _resolve(path: str) -> tuple[str, str | None]:
     )
 
 
-def trusted_roots_from(trusted_roots: Iterable[PathLike] | None) -> tuple[str, ...]:
-    """Real paths of ``trusted_roots`` plus those in ``$TORCHST_TRUSTED_ROOTS``."""
-    roots = [os.fspath(r) for r in trusted_roots or ()]
-    roots += [r for r in os.environ.get(TRUSTED_ROOTS_ENV, "").split(os.pathsep) if r]
-    return tuple(os.path.realpath(r) for r in roots)
-
-
-def _within(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-
-def _hf_blobs(base: str) -> str | None:
-    """``<repo>/blobs`` when ``base`` is (inside) a ``<repo>/snapshots/<rev>`` folder of a Hugging Face cache."""
-    d = base
-    while True:
-        parent = os.path.dirname(d)
-        if parent == d:
-            return None
-        if os.path.basename(parent) == "snapshots":
-            return os.path.join(os.path.dirname(parent), "blobs")
-        d = parent
-
-
-def check_link(directory: str, name: str, roots: tuple[str, ...], where: str) -> str:
-    """The real path of ``directory/name`` if the symlink policy allows it (see the module docstring)."""
-    path = os.path.join(directory, name)
-    real = os.path.realpath(path)
-    base = os.path.realpath(directory)
-    if _within(real, base) or any(_within(real, r) for r in roots):
-        return real
-    blobs = _hf_blobs(base)
-    if blobs is not None and os.path.dirname(real) == blobs:
-        return real
-    raise ShardIndexError(
-        f"{where}: {name!r} in {directory or '.'} is a symbolic link leading to {real}, outside the checkpoint "
-        "directory; torchst follows links inside a checkpoint only when they stay in it or lead into a Hugging Face "
-        f"cache (snapshots/<rev>/… -> ../../blobs/…).  If you trust {os.path.dirname(real)}, pass "
-        f"trusted_roots=[{os.path.dirname(real)!r}] (or set {TRUSTED_ROOTS_ENV}), or open the file itself"
-    )
-
-
 def _read_fd(fd: int, size: int) -> bytes:
     chunks, done = [], 0
     while done < size:
@@ -488,7 +445,11 @@ def _build(source: str, anchor: _Anchor, handles: _Handles, roots: tuple[str, ..
         shard, names = next(iter(unindexed.items()))
         log.warning(
             "%s: %d tensor(s) stored in shards are not read from there by the index (e.g. %r in %s); "
-            "they are not loaded", index_path, count, names[0], os.path.basename(shard)
+            "they are not loaded",
+            index_path,
+            count,
+            names[0],
+            os.path.basename(shard),
         )
     return Checkpoint(source, tuple(files), ordered, aliases, md, index, unindexed, handles)
 

@@ -159,9 +159,7 @@ def cleanup(
                     ) from None
         # Under the lock no sharded save runs; unlocked (no flock), only stale files go.
         removable = [
-            d
-            for d in find_debris(directory)
-            if d.age >= stale_after or (locked and d.kind == "shard temporary")
+            d for d in find_debris(directory) if d.age >= stale_after or (locked and d.kind == "shard temporary")
         ]
         if not dry_run:
             for d in removable:
