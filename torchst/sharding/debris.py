@@ -74,7 +74,13 @@ def _open_dir(directory: str) -> int | None:
 
 @contextlib.contextmanager
 def save_lock(directory: str) -> Iterator[None]:
-    """Held (shared) by every sharded save into ``directory``, so ``cleanup`` can tell it is running."""
+    """Held (shared) by every sharded save into ``directory``, so ``cleanup`` can tell it is running.
+
+    >>> with save_lock("ckpt"):
+    ...     torchst.sharding.cleanup("ckpt")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    torchst.errors.CheckpointLockedError: ckpt: a save into this directory is in progress ...
+    """
     fd = _open_dir(directory) if fcntl is not None else None
     if fd is None:
         yield
@@ -104,8 +110,8 @@ def _referenced(directory: str) -> set[str] | None:
 def find_debris(directory: str | os.PathLike[str]) -> list[Debris]:
     """Leftover temporaries of interrupted saves in ``directory`` (nothing is removed).
 
-    >>> [d.path for d in torchst.sharding.find_debris("ckpt")]
-    ['ckpt/.tmp-3f2a9c0d1e4b-model-00001-of-00002.safetensors']
+    >>> torchst.sharding.find_debris("ckpt")  # a checkpoint whose saves all finished
+    []
     """
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
@@ -138,8 +144,8 @@ def cleanup(
     Raises ``CheckpointLockedError`` while a save into ``directory`` is running.
 
     >>> removed = torchst.sharding.cleanup("ckpt")
-    >>> sum(d.nbytes for d in removed)
-    1073741824
+    >>> sum(d.nbytes for d in removed)  # bytes freed
+    0
     """
     directory = os.fspath(directory)
     if not os.path.isdir(directory):

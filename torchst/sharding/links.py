@@ -29,7 +29,11 @@ _HF_KINDS = ("models", "datasets", "spaces")  # huggingface_hub names repo folde
 
 
 def trusted_roots_from(trusted_roots: Iterable[PathLike] | None) -> tuple[str, ...]:
-    """Real paths of ``trusted_roots`` plus those in ``$TORCHST_TRUSTED_ROOTS``."""
+    """Real paths of ``trusted_roots`` plus those in ``$TORCHST_TRUSTED_ROOTS``.
+
+    >>> trusted_roots_from(["/"])
+    ('/',)
+    """
     roots = [os.fspath(r) for r in trusted_roots or ()]
     roots += [r for r in os.environ.get(TRUSTED_ROOTS_ENV, "").split(os.pathsep) if r]
     return tuple(os.path.realpath(r) for r in roots)
@@ -53,7 +57,13 @@ def _hf_blobs(base: str) -> str | None:
 
 
 def check_link(directory: str, name: str, roots: tuple[str, ...], where: str) -> str:
-    """The real path of ``directory/name`` if the symlink policy allows it (see the module docstring)."""
+    """The real path of ``directory/name`` if the symlink policy allows it (see the module docstring).
+
+    >>> os.symlink("/etc/hostname", "ckpt/evil.safetensors")
+    >>> check_link("ckpt", "evil.safetensors", (), "ckpt")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    torchst.errors.ShardIndexError: ckpt: 'evil.safetensors' in ckpt is a symbolic link leading to /etc/hostname, ...
+    """
     path = os.path.join(directory, name)
     real = os.path.realpath(path)
     base = os.path.realpath(directory)
