@@ -89,6 +89,7 @@ def save_model(
     metadata: Mapping[str, str] | None = None,
     fsync: bool = False,
     checksums: bool = True,
+    progress: bool | None = None,
 ) -> SaveResult:
     """Save ``model.state_dict()``: tied weights once, user hooks and extra state honoured.
 
@@ -96,6 +97,7 @@ def save_model(
     ``model.safetensors`` unless ``max_shard_size`` asks for shards).  Each tensor's CRC32C is
     recorded in its file's metadata (``checksums=False`` turns that off), so
     ``load_model(..., verify=True)`` and ``torchst verify`` can detect corruption.
+    ``progress=True`` (or ``TORCHST_PROGRESS=1``) shows a bar of the bytes written.
 
     >>> torchst.save_model(model, "ckpt", max_shard_size="2GB")
     >>> missing, unexpected = torchst.load_model(model, "ckpt")
@@ -131,6 +133,7 @@ def save_model(
         tied_keys=tied_weights_keys(model),
         fsync=fsync,
         checksums=checksums,
+        progress=progress,
     )
 
 

@@ -34,16 +34,20 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from typing import NamedTuple
 
 import torch
 
+from .._progress import Bar
+from .._progress import progress as show_progress
 from ..dedup import ALIASES_KEY, TiedKeys, alias_metadata, deduplicate
 from ..errors import SerializationError, ShardIndexError, TorchstError
-from ..format.writer import plan_write, write_tensors
+from ..format.writer import WritePlan, plan_write, write_tensors
 from ..storage.atomic import atomic_write, fsync_dir, open_output, temp_path, write_error
 from .checkpoint import Checkpoint, load_state_dict, open_checkpoint
 from .debris import ATOMIC_TEMP, SHARD_TEMP, save_lock
@@ -99,6 +103,7 @@ def save_state_dict(
     tied_keys: TiedKeys | None = None,
     fsync: bool = False,
     checksums: bool = True,
+    progress: bool | None = None,
 ) -> SaveResult:
     """Save ``state_dict``: a path ending in ``.safetensors`` is one file, anything else a directory.
 
@@ -109,6 +114,7 @@ def save_state_dict(
     ``checksums`` (on by default) records each tensor's CRC32C in its file's ``__metadata__``,
     computed as the bytes are written, for ``load_state_dict(..., verify=True)`` and
     ``torchst verify``; ``checksums=False`` writes exactly what ``safetensors`` would.
+    ``progress=True`` (or ``TORCHST_PROGRESS=1``) shows a bar of the bytes written.
 
     >>> torchst.save_state_dict(model.state_dict(), "ckpt", max_shard_size="500MB")
     >>> sd = torchst.load_state_dict("ckpt")
@@ -120,11 +126,18 @@ def save_state_dict(
     if path.endswith(".safetensors"):
         md = _file_metadata(metadata, dedup.aliases)
         plan = plan_write(tensors, md, checksums=checksums)
-        with open_output(path, size=plan.total_size, fsync=fsync) as f:
-            write_tensors(f, plan)
+        with (
+            _progress(plan.total_size, path, progress) as bar,
+            open_output(path, size=plan.total_size, fsync=fsync) as f,
+        ):
+            write_tensors(f, plan, on_bytes=bar.update)
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         return SaveResult(os.path.dirname(path), (os.path.basename(path),), None, dedup.aliases, size)
-    return _save_directory(tensors, dedup.aliases, path, max_shard_size, metadata, fsync, checksums)
+    return _save_directory(tensors, dedup.aliases, path, max_shard_size, metadata, fsync, checksums, progress)
+
+
+def _progress(total: int, path: str, enabled: bool | None) -> AbstractContextManager[Bar]:
+    return show_progress(total=total, desc=f"Saving {os.path.basename(path.rstrip(os.sep)) or path}", enabled=enabled)
 
 
 def _save_directory(
@@ -135,6 +148,7 @@ def _save_directory(
     metadata: Mapping[str, str] | None,
     fsync: bool,
     checksums: bool,
+    progress: bool | None,
 ) -> SaveResult:
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise SerializationError(
@@ -162,25 +176,33 @@ def _write_and_commit(
     token = uuid.uuid4().hex[:12]
     temps = {fn: f".tmp-{token}-{fn}" for fn in plan.filenames}
     written: list[str] = []
+    lock = threading.Lock()
 
-    def write_shard(fn: str, names: Sequence[str]) -> None:
+    def plan_shard(names: Sequence[str]) -> WritePlan:
         kept = set(names)
         md = _file_metadata(metadata, {a: k for a, k in aliases.items() if k in kept})
-        wplan = plan_write({n: tensors[n] for n in names}, md, checksums=checksums)
+        return plan_write({n: tensors[n] for n in names}, md, checksums=checksums)
+
+    wplans = [plan_shard(names) for names in plan.shards]
+
+    def write_shard(fn: str, wplan: WritePlan, bar: Bar) -> None:
         tmp = os.path.join(directory, temps[fn])
         written.append(tmp)  # list.append is atomic; cleanup below sees every temp file
         # The shard is committed later under its final name, which is what errors report.
         with open_output(
             tmp, size=wplan.total_size, fsync=fsync, replace=False, shown_as=os.path.join(directory, fn)
         ) as f:
-            write_tensors(f, wplan)
+            write_tensors(f, wplan, on_bytes=lambda n: _locked_update(lock, bar, n))
 
     try:
         # Shards are independent files: writing several at once lets the kernel copy into the
         # page cache (and the disk queue fsyncs) on more than one core.  The pool is joined
         # before anything is committed or cleaned up.
-        with ThreadPoolExecutor(max_workers=min(SHARD_WRITERS, len(plan.filenames))) as pool:
-            futures = [pool.submit(write_shard, fn, names) for fn, names in zip(plan.filenames, plan.shards)]
+        with (
+            _progress(sum(w.total_size for w in wplans), directory, progress) as bar,
+            ThreadPoolExecutor(max_workers=min(SHARD_WRITERS, len(plan.filenames))) as pool,
+        ):
+            futures = [pool.submit(write_shard, fn, wplan, bar) for fn, wplan in zip(plan.filenames, wplans)]
         for fut in futures:
             fut.result()  # re-raises the first failure
         _commit(directory, plan.filenames, temps, plan.weight_map, plan.total_size, old, fsync)
@@ -195,6 +217,11 @@ def _write_and_commit(
     _cleanup(directory, keep, old)
     idx = index_filename() if plan.is_sharded else None
     return SaveResult(directory, plan.filenames, idx, dict(aliases), plan.total_size)
+
+
+def _locked_update(lock: threading.Lock, bar: Bar, n: int) -> None:
+    with lock:  # shard writers report from several threads
+        bar.update(n)
 
 
 def _commit(
