@@ -365,14 +365,15 @@ def test_bench_sharded_quick_smoke(tmp_path: Path) -> None:
     )
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert {r["scenario"] for r in rows} == {
-        "save",
+        "save_cache",
+        "save_disk",
         "load_existing_warm",
         "load_existing_cold",
         "load_meta_warm",
         "load_meta_cold",
     }
     assert {r["impl"] for r in rows} == {"torchst", "huggingface_hub"}
-    assert all(r["seconds"] > 0 for r in rows)
+    assert all(r["seconds"] > 0 and r["min_s"] <= r["seconds"] <= r["max_s"] and len(r["runs"]) == 1 for r in rows)
 
 
 def test_a_failing_shard_write_leaves_the_old_checkpoint_and_no_temporaries(
