@@ -8,14 +8,16 @@ One JSON line per implementation, all measured in the same run:
 - ``dcp.save``        ``torch.distributed.checkpoint.save`` without a process group
 - ``dcp.async_save``  ``torch.distributed.checkpoint.async_save`` without a process group
 
-``blocked_s`` is the median time the loop waits in the save call (a warm-up save first, so
-the async snapshot buffers exist as in a real run); ``durable_s`` adds the time until the
-checkpoint is durable on disk (torch.save and DCP get an fsync of their files for that
-column; torchst's synchronous save already fsyncs before it returns).  Targets: async blocked <= 0.15x synchronous torchst;
+All implementations run in one interpreter on one model, alternating round by round (the order
+rotates; ``os.sync()`` before each save), ``--runs`` rounds (default 7) after a warm-up round.
+``blocked_s`` is the median time the loop waits in the save call (page-cache regime for torch.save
+and DCP), with ``blocked_min_s``/``blocked_max_s``; ``durable_s`` (+ min/max) adds the time
+until the checkpoint is durable on disk (disk regime: torch.save and DCP get an fsync of their
+files; torchst's synchronous save already fsyncs before it returns).  Targets: async blocked <= 0.15x synchronous torchst;
 synchronous torchst <= 1.0x torch.save and <= 1.0x dcp.save.
 
-    python benchmarks/bench_training.py            # ~1 GB model, fresh process per implementation
-    python benchmarks/bench_training.py --quick    # tiny model, one process: a smoke test
+    python benchmarks/bench_training.py            # ~1 GB model (+2 GB AdamW state), 7 rounds
+    python benchmarks/bench_training.py --quick    # tiny model, one round: a smoke test
 """
 
 from __future__ import annotations
@@ -82,70 +84,91 @@ def build(width: int, layers: int) -> tuple[Any, Any]:
     return model, opt
 
 
-def _work(job: dict[str, Any]) -> dict[str, Any]:
-    import torch
+class _Saver:
+    """One implementation's save: ``save(i)`` returns (seconds blocked, seconds until durable)."""
 
-    impl, root, runs = job["impl"], job["dir"], job["runs"]
-    model, opt = build(job["width"], job["layers"])
-    nbytes = sum(p.numel() * 4 * 3 for p in model.parameters())  # weights + two AdamW moments
-    work = tempfile.mkdtemp(prefix=f"{impl}-", dir=root)
-    blocked: list[float] = []
-    durable: list[float] = []
-    try:
+    def __init__(self, impl: str, work: str, model: Any, opt: Any) -> None:
+        self.impl, self.work, self.model, self.opt = impl, work, model, opt
+        self.mgr: Any = None
         if impl.startswith("torchst"):
             import torchst
 
-            mgr = torchst.CheckpointManager(os.path.join(work, "ckpt"), keep_last=1, async_save=impl.endswith("async"))
-            for i in range(runs + 1):
-                t0 = time.perf_counter()
-                mgr.save(i, {"model": model, "optim": opt, "step": i})
-                t1 = time.perf_counter()
-                mgr.wait()
-                t2 = time.perf_counter()
-                _update(model)  # the loop moves on; an async snapshot must not be affected
-                if i:  # run 0 warms up (allocates the snapshot buffers once, as in a real run)
-                    blocked.append(t1 - t0)
-                    durable.append(t2 - t0)
-            mgr.close()
-        elif impl == "torch.save":
-            for i in range(runs + 1):
-                path = os.path.join(work, f"ckpt-{i}.pt")
-                t0 = time.perf_counter()
-                torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": i}, path)
-                t1 = time.perf_counter()
-                _fsync(path)
-                t2 = time.perf_counter()
-                _update(model)
-                if i:
-                    blocked.append(t1 - t0)
-                    durable.append(t2 - t0)
-                if i:
-                    os.unlink(os.path.join(work, f"ckpt-{i - 1}.pt"))
-        else:
-            import torch.distributed.checkpoint as dcp
+            self.mgr = torchst.CheckpointManager(
+                os.path.join(work, impl), keep_last=1, async_save=impl.endswith("async")
+            )
 
-            for i in range(runs + 1):
-                path = os.path.join(work, f"dcp-{i}")
-                state = {"model": model.state_dict(), "optim": opt.state_dict()}
-                t0 = time.perf_counter()
-                if impl == "dcp.save":
-                    dcp.save(state, checkpoint_id=path)
-                    t1 = time.perf_counter()
-                else:
-                    fut = dcp.async_save(state, checkpoint_id=path)
-                    t1 = time.perf_counter()
-                    fut.result()
-                for name in os.listdir(path):
-                    _fsync(os.path.join(path, name))
-                t2 = time.perf_counter()
-                _update(model)
+    def save(self, i: int) -> tuple[float, float]:
+        import torch
+
+        if self.mgr is not None:
+            t0 = time.perf_counter()
+            self.mgr.save(i, {"model": self.model, "optim": self.opt, "step": i})
+            t1 = time.perf_counter()
+            self.mgr.wait()
+            return t1 - t0, time.perf_counter() - t0
+        if self.impl == "torch.save":
+            path = os.path.join(self.work, f"ckpt-{i}.pt")
+            t0 = time.perf_counter()
+            torch.save({"model": self.model.state_dict(), "optim": self.opt.state_dict(), "step": i}, path)
+            t1 = time.perf_counter()
+            _fsync(path)
+            t2 = time.perf_counter()
+            _remove(os.path.join(self.work, f"ckpt-{i - 1}.pt"))
+            return t1 - t0, t2 - t0
+        import torch.distributed.checkpoint as dcp
+
+        path = os.path.join(self.work, f"{self.impl}-{i}")
+        state = {"model": self.model.state_dict(), "optim": self.opt.state_dict()}
+        t0 = time.perf_counter()
+        if self.impl == "dcp.save":
+            dcp.save(state, checkpoint_id=path)
+            t1 = time.perf_counter()
+        else:
+            fut = dcp.async_save(state, checkpoint_id=path)
+            t1 = time.perf_counter()
+            fut.result()
+        for name in os.listdir(path):
+            _fsync(os.path.join(path, name))
+        t2 = time.perf_counter()
+        _remove(os.path.join(self.work, f"{self.impl}-{i - 1}"))
+        return t1 - t0, t2 - t0
+
+    def close(self) -> None:
+        if self.mgr is not None:
+            self.mgr.close()
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.unlink(path)
+
+
+def _work(job: dict[str, Any]) -> dict[str, Any]:
+    """Every implementation in this interpreter, alternating round by round (the order rotates)."""
+    impls, root, runs = job["impls"], job["dir"], job["runs"]
+    model, opt = build(job["width"], job["layers"])
+    nbytes = sum(p.numel() * 4 * 3 for p in model.parameters())  # weights + two AdamW moments
+    work = tempfile.mkdtemp(prefix="rounds-", dir=root)
+    blocked: dict[str, list[float]] = {i: [] for i in impls}
+    durable: dict[str, list[float]] = {i: [] for i in impls}
+    savers = [_Saver(i, work, model, opt) for i in impls]
+    try:
+        for i in range(runs + 1):  # round 0 warms up (allocates the snapshot buffers once, as in a real run)
+            k = i % len(savers)
+            for saver in savers[k:] + savers[:k]:
+                os.sync()  # the previous save's dirty pages are not written back during this one
+                b, d = saver.save(i)
+                _update(model)  # the loop moves on; an async snapshot must not be affected
                 if i:
-                    blocked.append(t1 - t0)
-                    durable.append(t2 - t0)
-                    shutil.rmtree(os.path.join(work, f"dcp-{i - 1}"))
+                    blocked[saver.impl].append(b)
+                    durable[saver.impl].append(d)
     finally:
+        for saver in savers:
+            saver.close()
         shutil.rmtree(work, ignore_errors=True)
-    return {"impl": impl, "blocked": blocked, "durable": durable, "bytes": nbytes, "peak_rss_mib": peak_rss_mib()}
+    return {"blocked": blocked, "durable": durable, "bytes": nbytes, "peak_rss_mib": peak_rss_mib()}
 
 
 def _update(model: Any) -> None:
@@ -175,10 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny model, all implementations in one process")
     p.add_argument("--dir", default=None, help="directory on the disk to measure (default: /var/tmp)")
-    p.add_argument("--runs", type=int, default=None, help="timed saves per implementation (default 3, quick 1)")
+    p.add_argument("--runs", type=int, default=None, help="timed rounds (default 7, quick 1)")
     p.add_argument("--only", help=f"comma-separated subset of {','.join(IMPLS)}")
     args = p.parse_args(argv)
-    runs = args.runs or (1 if args.quick else 3)
+    runs = args.runs or (1 if args.quick else 7)
     # 16 x Linear(4096, 4096) = 268M float32 parameters = 1.07 GB (+ 2.15 GB of AdamW moments).
     width, layers = (256, 4) if args.quick else (4096, 16)
     impls = args.only.split(",") if args.only else list(IMPLS)
@@ -187,12 +210,11 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"unknown implementation(s) {unknown}; choose from {', '.join(IMPLS)}")
     root = tempfile.mkdtemp(prefix="torchst-bench-training-", dir=args.dir or _default_dir())
     try:
-        jobs = [{"impl": i, "dir": root, "runs": runs, "width": width, "layers": layers} for i in impls]
-        script = os.path.abspath(__file__)
-        results = run_worker(script, jobs) if args.quick else [run_worker(script, j, timeout=3600) for j in jobs]
+        job = {"impls": impls, "dir": root, "runs": runs, "width": width, "layers": layers}
+        res = run_worker(os.path.abspath(__file__), job, timeout=3600)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    by_impl = {r["impl"]: r for r in results}
+    by_impl = {i: {"blocked": res["blocked"][i], "durable": res["durable"][i]} for i in impls}
     blocked = {k: median(r["blocked"]) for k, r in by_impl.items()}
     targets = {
         "torchst-async": ("torchst-sync", 0.15),
@@ -204,11 +226,15 @@ def main(argv: list[str] | None = None) -> None:
             "bench": "training_save",
             "impl": impl,
             "quick": args.quick,
-            "checkpoint_bytes": r["bytes"],
+            "checkpoint_bytes": res["bytes"],
             "blocked_s": round(blocked[impl], 4),
+            "blocked_min_s": round(min(r["blocked"]), 4),
+            "blocked_max_s": round(max(r["blocked"]), 4),
             "durable_s": round(median(r["durable"]), 4),
+            "durable_min_s": round(min(r["durable"]), 4),
+            "durable_max_s": round(max(r["durable"]), 4),
             "runs": [round(x, 4) for x in r["blocked"]],
-            "peak_rss_mib": round(r["peak_rss_mib"], 1),
+            "peak_rss_mib": round(res["peak_rss_mib"], 1),  # of the process running every implementation
             "baseline": "torch.save",
         }
         if "torch.save" in blocked:
