@@ -3,12 +3,15 @@
     python benchmarks/bench_format.py [--quick] [--dir DIR] [--tmpfs DIR] [--runs N] [--only a,b]
 
 Prints one JSON line per measurement.  Every run happens in a fresh interpreter (imports are not
-timed), lines report the median of ``--runs`` runs, the peak RSS of the run and the ratio against
+timed), implementations alternate round by round (the order rotates), and lines report the
+median, min and max of ``--runs`` rounds (default 7), the peak RSS and the ratio of medians against
 the baseline measured in the same invocation.  Scenarios (targets from the format-core issue):
 
 - ``lazy_10k``     safe_open + get_tensor of every tensor of a 10,000-tensor file (<= 0.5x safetensors)
 - ``load_touch``   load a ~2 GiB file (256 tensors) and read every byte with ``t.sum()`` (<= 1.0x)
-- ``save``         save the ~2 GiB dict, on tmpfs and on disk (<= 1.0x, extra peak RSS <= 64 MiB)
+- ``save``         save the ~2 GiB dict (<= 1.0x, extra peak RSS <= 64 MiB): page-cache regime on
+                   tmpfs and on disk (``os.sync()`` before each save), and the disk regime
+                   ``save_disk_durable`` (torchst ``fsync=True``; the baselines' fsync is timed too)
 - ``read``         pread / eager loads vs a plain sequential ``readinto`` of the same file (>= 0.9x
                    throughput), warm (tmpfs) and cold (disk, page cache dropped with fadvise)
 
@@ -176,13 +179,22 @@ def _work(job: dict[str, Any]) -> dict[str, Any]:
     elif kind == "save":
         out = job["out"]
 
+        durable = bool(job.get("durable"))
+
         def op() -> None:
             if impl == "torchst":
-                torchst.save_file(d, out)
-            elif impl == "safetensors":
+                torchst.save_file(d, out, fsync=durable)
+                return
+            if impl == "safetensors":
                 safetensors.torch.save_file(d, out)
             else:
                 torch.save(d, out)
+            if durable:  # no fsync option in the baselines: make their file durable too (timed)
+                fd = os.open(out, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
     else:
         raise ValueError(f"unknown job kind {kind!r}")
@@ -273,21 +285,24 @@ def _plan(
         lines.append({"impl": "torch", "kind": "touch", "path": f["big_pt"]})
         groups.append(_group("load_touch", lines))
     if "save" in only:
-        for where, (d, _) in loc.items():
-            out = os.path.join(d, "out.safetensors")
+        # page-cache regime on tmpfs and on disk (dirty pages flushed before each save), and the
+        # disk regime: durable writes (fsync timed)
+        for where, durable in (("tmpfs", False), ("disk", False), ("disk", True)):
+            out = os.path.join(loc[where][0], "out.safetensors")
             lines = [
                 {
                     "impl": impl,
                     "kind": "save",
                     "out": out,
                     "fs": where,
+                    "durable": durable,
                     "n": big["n"],
                     "rows": big["rows"],
                     "cols": big["cols"],
                 }
                 for impl in ("safetensors", "torchst", "torch")
             ]
-            groups.append(_group(f"save_{where}", lines))
+            groups.append(_group(f"save_{where}{'_durable' if durable else ''}", lines))
     if "read" in only:
         for where, (d, cache) in loc.items():
             path = f["big_st"] if where == "tmpfs" else f["disk_st"]
@@ -318,6 +333,7 @@ def _summarize(group: dict[str, Any], results: list[list[dict[str, Any]]], meta:
             "backend": ln.get("backend"),
             "median_s": round(med, 5),
             "min_s": round(min(r["seconds"] for r in rs), 5),
+            "max_s": round(max(r["seconds"] for r in rs), 5),
             "runs": [round(r["seconds"], 5) for r in rs],
             "peak_rss_mib": round(median([r["peak_rss_mib"] for r in rs]), 1),
             "extra_rss_mib": round(extra, 1),
@@ -357,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="tiny files, one worker process: a smoke test")
     p.add_argument("--dir", help="disk directory for on-disk scenarios (default: a non-tmpfs temp dir)")
     p.add_argument("--tmpfs", default="/dev/shm", help="tmpfs directory (default /dev/shm)")
-    p.add_argument("--runs", type=int, default=None, help="runs per measurement (default 5, quick 1)")
+    p.add_argument("--runs", type=int, default=None, help="rounds per measurement (default 7, quick 1)")
     p.add_argument("--only", help=f"comma-separated subset of {','.join(SCENARIOS)}")
     p.add_argument(
         "--also-tree",
@@ -367,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.also_tree and args.quick:
         p.error("--also-tree needs fresh processes; it cannot be combined with --quick")
-    runs = args.runs or (1 if args.quick else 5)
+    runs = args.runs or (1 if args.quick else 7)
 
     tmpfs_root = args.tmpfs if os.path.isdir(args.tmpfs) else None
     tmpfs_note = None if tmpfs_root else f"{args.tmpfs} does not exist: 'tmpfs' scenarios use the temp dir"

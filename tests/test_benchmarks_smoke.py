@@ -32,9 +32,17 @@ def test_bench_format_quick_prints_one_json_line_per_measurement(tmp_path: Path)
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in proc.stdout.splitlines()]
     benches = {r["bench"] for r in records}
-    assert benches == {"lazy_10k", "load_touch", "save_tmpfs", "save_disk", "read_tmpfs_warm", "read_disk_cold"}
+    assert benches == {
+        "lazy_10k",
+        "load_touch",
+        "save_tmpfs",
+        "save_disk",
+        "save_disk_durable",
+        "read_tmpfs_warm",
+        "read_disk_cold",
+    }
     for r in records:
-        assert r["median_s"] > 0 and len(r["runs"]) == 1
+        assert r["median_s"] > 0 and len(r["runs"]) == 1 and r["min_s"] <= r["median_s"] <= r["max_s"]
         assert r["peak_rss_mib"] > 0
         assert r["ratio_vs_baseline"] > 0
     # Every bench has its baseline measured in the same run, at ratio 1.
