@@ -161,7 +161,7 @@ def _save_directory(
     except OSError as e:
         raise write_error(e, directory) from e
     with save_lock(directory):  # shared: tells cleanup() a save is running here
-        return _write_and_commit(tensors, aliases, directory, plan, metadata, fsync)
+        return _write_and_commit(tensors, aliases, directory, plan, metadata, fsync, checksums, progress)
 
 
 def _write_and_commit(
@@ -171,6 +171,8 @@ def _write_and_commit(
     plan: ShardPlan,
     metadata: Mapping[str, str] | None,
     fsync: bool,
+    checksums: bool,
+    progress: bool | None,
 ) -> SaveResult:
     old = _committed_files(directory)
     token = uuid.uuid4().hex[:12]
