@@ -254,7 +254,12 @@ def commit(temp: str, directory: str, step: int) -> str | None:
             return temp  # now holds the previous copy, under a name cleanup() removes
         aside = os.path.join(directory, f".replaced-step_{step}-{uuid.uuid4().hex[:12]}")
         os.rename(final, aside)  # step_location() now finds the previous copy here
-    os.rename(temp, final)  # commit point: before it the step does not exist, after it it is whole
+    try:
+        os.rename(temp, final)  # commit point: before it the step does not exist, after it it is whole
+    except OSError:
+        if aside is not None:
+            os.rename(aside, final)  # the new copy failed to commit: the previous one keeps its name
+        raise
     fsync_dir(directory)
     return aside
 
