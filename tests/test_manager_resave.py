@@ -7,8 +7,10 @@ Run as a script (``python tests/test_manager_resave.py serve``) it is that helpe
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -218,6 +220,32 @@ def test_a_step_replaced_on_every_attempt_raises_checkpoint_changed(
     assert str(info.value) == (
         f"{tmp_path}: step (latest) was replaced or deleted while being opened, {reading.ATTEMPTS} times in a row; "
         "a writer is re-saving it continuously. Retry later, or restore another step"
+    )
+
+
+def test_a_filesystem_that_cannot_exchange_falls_back_and_says_so_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = []
+
+    def refuses(*args: Any) -> int:
+        calls.append(args)
+        ctypes.set_errno(errno.EINVAL)  # what overlayfs, NFS and FUSE mounts answer
+        return -1
+
+    monkeypatch.setattr(layout, "_renameat2", refuses)
+    monkeypatch.setattr(layout, "_no_exchange_devices", set())
+    writer = CheckpointManager(tmp_path, keep_last=None)
+    with caplog.at_level(logging.INFO, logger="torchst"):
+        for g in range(1, 4):
+            writer.save(5, state(g))
+    assert generation_of(writer) == 3 and sorted(os.listdir(tmp_path)) == [".lock", "step_5"]
+    assert len(calls) == 1  # the filesystem is remembered: later re-saves go straight to the fallback
+    fallbacks = [r for r in caplog.records if "cannot exchange directories atomically" in r.getMessage()]
+    assert len(fallbacks) == 1 and fallbacks[0].name == "torchst.manager.layout"
+    assert fallbacks[0].getMessage() == (
+        f"{tmp_path}: the filesystem cannot exchange directories atomically (EINVAL); re-saved steps are "
+        "committed by two renames, during which readers see the previous copy"
     )
 
 
