@@ -364,6 +364,7 @@ class CheckpointManager:
         """The saved state of ``step`` as plain values (modules and optimizers as state dicts).
 
         >>> mgr.read()["model"]["fc.weight"].shape
+        torch.Size([4, 4])
         """
         with self._open(step) as opened, self._bar(opened, progress, "Reading") as read:
             try:

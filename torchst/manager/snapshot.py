@@ -25,7 +25,7 @@ class HostArena:
     """A growable, reusable host buffer that snapshots the tensors of ``FileSpec``s.
 
     >>> arena = HostArena()
-    >>> files = arena.snapshot({"state.safetensors": FileSpec({"w": weight})})
+    >>> files = arena.snapshot({"state.safetensors": FileSpec({"w": torch.ones(4)})})
     """
 
     def __init__(self) -> None:

@@ -108,7 +108,7 @@ def read_index(path: str | os.PathLike[str]) -> ShardIndex:
 
     >>> idx = read_index("ckpt/model.safetensors.index.json")
     >>> sorted(set(idx.weight_map.values()))
-    ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
+    ['model-00001-of-00003.safetensors', 'model-00002-of-00003.safetensors', 'model-00003-of-00003.safetensors']
     """
     path = os.fspath(path)
     try:

@@ -256,7 +256,7 @@ def atomic_write(path: str | os.PathLike[str], *, fsync: bool = False) -> Iterat
     """Yield a file that replaces ``path`` only if the block finishes without error.
 
     >>> with atomic_write("out.bin", fsync=True) as f:
-    ...     f.write(b"payload")
+    ...     _ = f.write(b"payload")
     """
     with open_output(path, fsync=fsync) as f:
         yield f

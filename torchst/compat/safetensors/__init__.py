@@ -46,8 +46,10 @@ __version__ = "0.8.0"
 class SafetensorError(FormatError):
     """Mirror of ``safetensors.SafetensorError``; also a torchst ``FormatError`` and ``ValueError``.
 
+    >>> _ = open("broken.safetensors", "wb").write(b"not a safetensors file")
     >>> try: safe_open("broken.safetensors", framework="pt")
-    ... except SafetensorError as e: print(e)
+    ... except SafetensorError as e: print(type(e).__name__, isinstance(e, ValueError))
+    SafetensorError True
     """
 
 
@@ -309,7 +311,8 @@ def serialize_file(
 ) -> None:
     """Like ``serialize``, streamed into ``filename`` and committed atomically.
 
-    >>> serialize_file({"a": TensorSpec(dtype="float32", shape=[2], data_ptr=p, data_len=8)}, "a.safetensors")
+    >>> a = torch.ones(2)
+    >>> serialize_file({"a": TensorSpec(dtype="float32", shape=[2], data_ptr=a.data_ptr(), data_len=8)}, "a.safetensors")
     """
     header, views = _plan_specs(tensor_dict, metadata)
     with atomic_write(filename) as f:
@@ -321,7 +324,7 @@ def serialize_file(
 def deserialize(data: bytes | bytearray | memoryview) -> list[tuple[str, dict[str, Any]]]:
     """``[(name, {"shape": [...], "dtype": "F32", "data": bytearray}), ...]`` in file order.
 
-    >>> [(name, spec["dtype"]) for name, spec in deserialize(blob)]
+    >>> [(name, spec["dtype"]) for name, spec in deserialize(torchst.save({"a": torch.ones(2)}))]
     [('a', 'F32')]
     """
     try:

@@ -75,6 +75,7 @@ def _getdtype(dtype_str: str) -> torch.dtype:
 def storage_ptr(tensor: torch.Tensor) -> int:
     """Address of the start of ``tensor``'s storage (0 for meta tensors).
 
+    >>> w = torch.zeros(4)
     >>> storage_ptr(w[1:]) == storage_ptr(w)
     True
     """
@@ -130,6 +131,7 @@ def _remove_duplicate_names(
     Keeps the alphabetically first name covering the whole storage, preferring
     ``preferred_names`` and avoiding ``discard_names``, exactly as the reference.
 
+    >>> w = torch.zeros(4)
     >>> _remove_duplicate_names({"a": w, "b": w})
     defaultdict(<class 'list'>, {'a': ['b']})
     """
