@@ -11,9 +11,12 @@ repository:
 - ``model.safetensors``: ``model``'s weights;
 - ``ckpt/``: a sharded checkpoint (3 shards + index) of a tied model whose ``lm_head.weight``
   is an alias of ``embed.weight``;
-- for examples that mention ``mgr``: ``mgr``, a ``CheckpointManager("run")`` holding steps 800,
+- for examples that mention ``mgr`` or a path under ``"run``: ``mgr``, a ``CheckpointManager("run")`` holding steps 800,
   900 and 1000 of ``{"model": model, "optim": opt, "sched": sched}``, with ``step = 1100``,
   ``state = {"model": model, "optim": opt}`` and ``loss = 0.25`` for the next save.
+
+Examples that need several processes (``torch.distributed``) are marked ``# doctest: +SKIP``;
+the multiprocess tests run them for real.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def _namespace(tmp: Path, text: str) -> dict[str, Any]:
     tied = Tied()
     torchst.save_model(tied, tmp / "ckpt", max_shard_size=100)
     extra: dict[str, Any] = {}
-    if "mgr" in text:
+    if "mgr" in text or '"run' in text:
         mgr = torchst.CheckpointManager(tmp / "run", keep_last=3)
         for step in (800, 900, 1000):
             mgr.save(step, {"model": model, "optim": opt, "sched": sched})

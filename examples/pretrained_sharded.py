@@ -93,7 +93,7 @@ def main() -> None:
         assert same and loaded.lm_head.weight is loaded.embed.weight
 
         # The same directory, loaded in bfloat16 into a model built by hand on the meta device.
-        with torchst.nn.params_on_meta():
+        with torchst.init_empty_weights():
             half = TinyGPT()
         missing, unexpected = torchst.load_model(half, directory, device_map={"": "cpu"}, dtype=torch.bfloat16)
         print(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -92,7 +91,7 @@ def _file(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> tuple[Path, dict[
     path = tmp_path / "t.safetensors"
     torchst.save_file(tensors, path)
     with torchst.sharding.open_checkpoint(path) as ckpt:  # requests that read by path, not through its fds
-        return path, {n: dataclasses.replace(ckpt._request(n, CPU, None), fd=None) for n in ckpt.tensors}
+        return path, {r.name: r.request() for r in ckpt.plan().reads}
 
 
 @pytest.mark.parametrize("force_staging", [False, True])

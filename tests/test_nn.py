@@ -94,8 +94,9 @@ def test_meta_load_with_device_map_and_dtype(tmp_path: Path) -> None:
     save_model(m, tmp_path)
     with torch.device("meta"):
         fresh = TinyLM()
-    with pytest.warns(UserWarning, match="inv_freq"):  # a fully-meta model cannot get its buffer back
-        load_model(fresh, tmp_path, device_map={"layers": "cpu", "": "cpu"}, dtype=torch.bfloat16)
+    # a fully-meta model gets its non-persistent buffer computed again from its recorded config
+    load_model(fresh, tmp_path, device_map={"layers": "cpu", "": "cpu"}, dtype=torch.bfloat16)
+    assert torch.equal(fresh.inv_freq, m.inv_freq)
     assert fresh.layers[0].weight.dtype == torch.bfloat16 and fresh.embed.weight.device.type == "cpu"
     assert torch.equal(fresh.layers[1].bias, m.layers[1].bias.bfloat16())
     assert fresh.lm_head.weight is fresh.embed.weight

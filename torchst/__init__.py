@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import errors
 from .errors import (
+    ArgumentError,
     CheckpointError,
     CheckpointLockedError,
     CheckpointNotFoundError,
@@ -32,7 +33,7 @@ from .errors import (
 if TYPE_CHECKING:
     from .format import SafeFile, SafeSlice, load, load_file, safe_open, save, save_file
     from .manager import CheckpointManager, KeepBest, KeepEvery, KeepLast
-    from .nn import PretrainedMixin, load_model, save_model
+    from .nn import PretrainedMixin, init_empty_weights, load_model, save_model
     from .sharding import load_state_dict, save_state_dict
 
 __version__ = "0.1.0"
@@ -51,6 +52,7 @@ _LAZY = {
     "KeepEvery": ".manager",
     "KeepLast": ".manager",
     "PretrainedMixin": ".nn",
+    "init_empty_weights": ".nn",
     "load_model": ".nn",
     "save_model": ".nn",
     "load_state_dict": ".sharding",
@@ -76,6 +78,7 @@ _SUBMODULES = frozenset(
 )
 
 __all__ = [
+    "ArgumentError",
     "CheckpointError",
     "CheckpointLockedError",
     "CheckpointManager",
@@ -96,6 +99,7 @@ __all__ = [
     "UnsupportedDtypeError",
     "__version__",
     "errors",
+    "init_empty_weights",
     "load",
     "load_file",
     "load_model",

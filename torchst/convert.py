@@ -8,10 +8,11 @@ Accepted sources: one file; a directory holding ``pytorch_model.bin``, or the sh
 ``pytorch_model-0000i-of-0000N.bin`` with ``pytorch_model.bin.index.json`` (transformers'
 layout); or any safetensors checkpoint (re-written, e.g. to re-shard it).
 
+>>> torch.save(model.state_dict(), "pytorch_model.bin")
 >>> sd = torchst.convert.load_legacy("pytorch_model.bin")
->>> result = torchst.convert.convert_checkpoint("old_model/", "new_model/", max_shard_size="2GB")
->>> result.tensors, result.aliases
-(291, {'lm_head.weight': 'model.embed_tokens.weight'})
+>>> result = torchst.convert.convert_checkpoint("pytorch_model.bin", "new_model/", max_shard_size="2GB")
+>>> result.tensors, result.files
+(2, ('new_model/model.safetensors',))
 """
 
 from __future__ import annotations
@@ -145,7 +146,9 @@ def load_legacy(path: str | os.PathLike[str], *, progress: bool | None = None) -
     state_dict under one of ``NESTED_KEYS`` is unwrapped (and logged); anything that is not
     tensors and plain containers is refused without running any of its code.
 
-    >>> sd = load_legacy("checkpoints/last.ckpt")  # {"state_dict": {...}, "epoch": 3} -> the state_dict
+    >>> torch.save({"state_dict": model.state_dict(), "epoch": 3}, "last.ckpt")
+    >>> sorted(load_legacy("last.ckpt"))  # the nested state_dict
+    ['fc.bias', 'fc.weight']
     """
     p = os.fspath(path)
     if not os.path.exists(p):
@@ -184,7 +187,8 @@ def convert_checkpoint(
     ``max_shard_size``.  Tied (shared) tensors are stored once and recorded as aliases.
     ``metadata`` defaults to ``{"format": "pt"}``, what transformers writes.
 
-    >>> convert_checkpoint("pytorch_model.bin", "model.safetensors").source_kind
+    >>> torch.save(model.state_dict(), "pytorch_model.bin")
+    >>> convert_checkpoint("pytorch_model.bin", "converted.safetensors").source_kind
     'torch-zip'
     """
     s, d = os.fspath(src), os.fspath(dst)

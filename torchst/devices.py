@@ -12,24 +12,27 @@ bounded by ``num_buffers * buffer_bytes`` whatever the model size.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .errors import DeviceMapError
+from .errors import ArgumentError, DeviceMapError
 from .format.reader import DeviceLike, check_device, normalize_device
 from .storage.buffers import io_pool, pread_into, tensor_bytes
 
 __all__ = [
     "BUFFER_BYTES",
+    "DeviceLike",
     "DeviceMap",
     "ReadRequest",
     "check_device",
+    "check_dtype",
     "infer_device_map",
     "normalize_device",
     "resolve_device_map",
@@ -40,6 +43,19 @@ BUFFER_BYTES = 32 << 20
 NUM_BUFFERS = 3
 _DIRECT_CHUNK = 16 << 20
 DeviceMap = Mapping[str, DeviceLike]
+
+
+def check_dtype(dtype: object) -> torch.dtype | None:
+    """``dtype`` itself when it is ``None`` or a floating ``torch.dtype`` (a load/save cast target).
+
+    Integer and bool tensors are never cast, so only floating targets make sense.
+
+    >>> check_dtype(torch.bfloat16)
+    torch.bfloat16
+    """
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ArgumentError(f"dtype must be a floating torch.dtype such as torch.bfloat16, found {dtype!r}")
+    return dtype
 
 
 def _map_value(prefix: str, value: object) -> torch.device:
@@ -61,10 +77,14 @@ def _map_value(prefix: str, value: object) -> torch.device:
     return check_device(dev)
 
 
-def resolve_device_map(names: Iterable[str], device_map: DeviceMap) -> dict[str, torch.device]:
+def resolve_device_map(
+    names: Iterable[str], device_map: DeviceMap, *, known: Iterable[str] | None = None
+) -> dict[str, torch.device]:
     """The device of each tensor name: the longest ``device_map`` prefix (whole dotted parts) wins.
 
-    ``""`` matches every name.  Names no prefix covers raise ``DeviceMapError``.
+    ``""`` matches every name.  Names no prefix covers raise ``DeviceMapError``.  A key that
+    is no prefix of ``names`` (nor of ``known``, e.g. every module name of a model) is a typo:
+    ``DeviceMapError`` naming it and its closest matches.
 
     >>> resolve_device_map(["a.w", "a.b.w", "c"], {"a": "cpu", "": "cpu"})["a.b.w"]
     device(type='cpu')
@@ -76,6 +96,8 @@ def resolve_device_map(names: Iterable[str], device_map: DeviceMap) -> dict[str,
         if not isinstance(prefix, str):
             raise DeviceMapError(f"device_map keys must be module name prefixes (str), found {prefix!r}")
         prefixes[prefix] = _map_value(prefix, value)
+    names = list(names)
+    _check_keys(prefixes, [*names, *(known or ())])
     out: dict[str, torch.device] = {}
     unmapped: list[str] = []
     for name in names:
@@ -93,6 +115,24 @@ def resolve_device_map(names: Iterable[str], device_map: DeviceMap) -> dict[str,
             '(or "" for everything else) to the map'
         )
     return out
+
+
+def _check_keys(prefixes: Mapping[str, torch.device], names: Iterable[str]) -> None:
+    valid: set[str] = {""}
+    for name in names:
+        parts = name.split(".")
+        valid.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    unknown = [p for p in prefixes if p not in valid]
+    if not unknown:
+        return
+    hints = []
+    for p in unknown[:5]:
+        close = difflib.get_close_matches(p, valid, n=3, cutoff=0.6)
+        hints.append(f"{p!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+    raise DeviceMapError(
+        f"device_map key(s) {', '.join(hints)} match no module or tensor name; keys are module prefixes "
+        "such as 'model.layers.0' (or \"\" for everything else)"
+    )
 
 
 def _lookup(name: str, prefixes: Mapping[str, torch.device]) -> torch.device | None:
@@ -196,11 +236,12 @@ def stream_tensors(
     buffer_bytes: int = BUFFER_BYTES,
     num_buffers: int = NUM_BUFFERS,
     force_staging: bool = False,
+    on_bytes: Callable[[int], object] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read every request into a new tensor on its device; returns ``{name: tensor}`` in request order.
 
     ``force_staging`` sends CPU targets through the host-buffer ring too (tests the accelerator
-    path on machines without one).
+    path on machines without one).  ``on_bytes(n)`` is called as each piece lands (progress).
 
     >>> req = ReadRequest("w", "m.safetensors", 128, 16, torch.float32, (4,), torch.device("cpu"))
     >>> stream_tensors([req])["w"].shape
@@ -224,33 +265,44 @@ def stream_tensors(
             else:
                 staged.extend(_chunks(req, t, files.fd(req.path, req.fd), buffer_bytes))
         if direct:
-            _read_direct(direct)
+            _read_direct(direct, on_bytes)
         if staged:
-            _read_staged(staged, min(buffer_bytes, max(c.nbytes for c in staged)), num_buffers)
+            _read_staged(staged, min(buffer_bytes, max(c.nbytes for c in staged)), num_buffers, on_bytes)
     finally:
         files.close()
     return out
 
 
-def _read_direct(chunks: list[_Chunk]) -> None:
+def _read_direct(chunks: list[_Chunk], on_bytes: Callable[[int], object] | None) -> None:
     # Copy #1 (the only one): file -> the new tensor's own memory, several reads in flight.
     pool = io_pool()
     limit = 2 * getattr(pool, "_max_workers", 4)
-    pending: deque[Future[None]] = deque()
+    pending: deque[Future[int]] = deque()
     try:
         for c in chunks:
             item = c.out.element_size()
             view = tensor_bytes(c.out)[c.first * item : c.first * item + c.nbytes]
-            pending.append(pool.submit(pread_into, c.fd, view, c.offset, source=c.source))
+            pending.append(pool.submit(_pread_counted, c.fd, view, c.offset, c.source))
             if len(pending) >= limit:
-                pending.popleft().result()
+                _done(pending.popleft(), on_bytes)
         while pending:
-            pending.popleft().result()
+            _done(pending.popleft(), on_bytes)
     finally:
         _drain(f for f in pending)
 
 
-def _drain(futures: Iterable[Future[None]]) -> None:
+def _pread_counted(fd: int, view: memoryview, offset: int, source: str) -> int:
+    pread_into(fd, view, offset, source=source)
+    return len(view)
+
+
+def _done(fut: Future[int], on_bytes: Callable[[int], object] | None) -> None:
+    n = fut.result()
+    if on_bytes is not None:
+        on_bytes(n)
+
+
+def _drain(futures: Iterable[Future[Any]]) -> None:
     """Wait for reads still in flight after an error: the caller closes their descriptors next."""
     for f in futures:
         f.cancel()
@@ -271,7 +323,9 @@ def _fill(slot: _Slot, c: _Chunk) -> None:
     pread_into(c.fd, slot.view[: c.nbytes], c.offset, source=c.source)
 
 
-def _read_staged(chunks: list[_Chunk], nbytes: int, num_buffers: int) -> None:
+def _read_staged(
+    chunks: list[_Chunk], nbytes: int, num_buffers: int, on_bytes: Callable[[int], object] | None
+) -> None:
     pin = torch.cuda.is_available() and any(c.out.device.type == "cuda" for c in chunks)
     slots = [_Slot(nbytes, pin) for _ in range(min(num_buffers, len(chunks)))]
     pool = io_pool()
@@ -283,7 +337,7 @@ def _read_staged(chunks: list[_Chunk], nbytes: int, num_buffers: int) -> None:
             break
         pending.append((c, slot, pool.submit(_fill, slot, c)))
     try:
-        _copy_out(pending, todo, pool, pin)
+        _copy_out(pending, todo, pool, pin, on_bytes)
     finally:
         _drain(fut for _, _, fut in pending)
         if pin:  # the pinned buffers are freed on return; every device's copies must be done
@@ -291,7 +345,13 @@ def _read_staged(chunks: list[_Chunk], nbytes: int, num_buffers: int) -> None:
                 torch.cuda.synchronize(dev)
 
 
-def _copy_out(pending: deque[tuple[_Chunk, _Slot, Future[None]]], todo: Iterator[_Chunk], pool: Any, pin: bool) -> None:
+def _copy_out(
+    pending: deque[tuple[_Chunk, _Slot, Future[None]]],
+    todo: Iterator[_Chunk],
+    pool: Any,
+    pin: bool,
+    on_bytes: Callable[[int], object] | None,
+) -> None:
     while pending:
         c, slot, fut = pending.popleft()
         fut.result()
@@ -303,7 +363,9 @@ def _copy_out(pending: deque[tuple[_Chunk, _Slot, Future[None]]], todo: Iterator
         dst.copy_(src, non_blocking=cuda and pin)
         if cuda:  # the copy runs on the destination device's stream, which is not the current one for cuda:1
             slot.event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            slot.event.record(torch.cuda.current_stream(dst.device))
+            slot.event.record()
+        if on_bytes is not None:
+            on_bytes(c.nbytes)
         nxt = next(todo, None)
         if nxt is not None:
             pending.append((nxt, slot, pool.submit(_fill, slot, nxt)))

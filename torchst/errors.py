@@ -8,6 +8,7 @@ This module imports nothing from torchst.
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentError",
     "CheckpointChangedError",
     "CheckpointError",
     "CheckpointLockedError",
@@ -31,6 +32,13 @@ __all__ = [
 
 class TorchstError(Exception):
     """Base class of every error torchst raises on purpose."""
+
+
+class ArgumentError(TorchstError, ValueError, TypeError):
+    """An argument torchst cannot use: a non-Module model, a non-floating dtype, an unknown backend.
+
+    Both a ``ValueError`` and a ``TypeError``, so either ``except`` clause a caller wrote keeps working.
+    """
 
 
 class FormatError(TorchstError, ValueError):

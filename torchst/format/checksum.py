@@ -294,9 +294,11 @@ def tensor_error(source: str, info: TensorInfo, data_start: int, expected: int, 
 class Verifier:
     """Checks the tensors of one file against its checksum record (validated on creation).
 
+    >>> f = torchst.safe_open("model.safetensors")  # save_model recorded checksums
     >>> v = Verifier(f.header, source=f.path)
+    >>> t = f.get_tensor("fc.weight")
     >>> if v.active:
-    ...     v.check(f.header.tensors["w"], tensor_bytes(t))
+    ...     v.check(f.header.tensors["fc.weight"], memoryview(t.numpy()).cast("B"))
     """
 
     def __init__(self, header: Header, *, source: str) -> None:

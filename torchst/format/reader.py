@@ -24,12 +24,24 @@ from typing import Any
 import torch
 
 from .._dtypes import DTYPES, DType, from_code
-from ..errors import DeviceMapError, FormatError, TensorNotFoundError, UnsupportedDtypeError
+from ..errors import ArgumentError, DeviceMapError, FormatError, TensorNotFoundError, UnsupportedDtypeError
 from ..storage.buffers import anon_buffer, pread_parallel, read_scatter, tensor_bytes
 from .checksum import Verifier, check_tensors, warn_unverified
 from .header import Header, TensorInfo, parse_header, read_header_length
 
-__all__ = ["BACKENDS", "SafeFile", "SafeSlice", "check_device", "load", "load_file", "normalize_device", "safe_open"]
+__all__ = [
+    "BACKENDS",
+    "SafeFile",
+    "SafeSlice",
+    "check_backend",
+    "check_device",
+    "load",
+    "load_file",
+    "normalize_device",
+    "read_file_header",
+    "safe_open",
+    "torch_view",
+]
 
 BACKENDS = ("mmap", "pread", "eager")
 PathLike = str | os.PathLike[str]
@@ -53,22 +65,83 @@ def normalize_device(device: DeviceLike) -> torch.device:
 
 
 def check_device(device: DeviceLike) -> torch.device:
-    """Normalise ``device`` and check it exists here; ``"cuda:1"`` is never rewritten to ``"cuda"``.
+    """The one device check of every entry point: normalise ``device`` and make sure it exists here.
+
+    ``"cuda:1"`` is never rewritten to ``"cuda"``, nor ``"meta"`` to ``"cpu"``; an accelerator
+    that is absent, or an index past the last device, is a ``DeviceMapError`` saying so.
 
     >>> check_device("cpu"), check_device(torch.device("meta"))
     (device(type='cpu'), device(type='meta'))
     """
     dev = normalize_device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceMapError(
-                f"device {str(dev)!r} was requested but CUDA is not available on this machine "
-                "(torch.cuda.is_available() is False); load to 'cpu' instead"
-            )
-        n = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= n:
-            raise DeviceMapError(f"device {str(dev)!r} does not exist: this machine has {n} CUDA device(s)")
+    if dev.type in ("cpu", "meta"):
+        return dev
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if not callable(available) or not available():
+        raise DeviceMapError(
+            f"device {str(dev)!r} was requested but {dev.type.upper()} is not available on this machine "
+            f"(torch.{dev.type}.is_available() is False); load to 'cpu' instead"
+        )
+    count = getattr(backend, "device_count", None)
+    n = count() if callable(count) else None
+    if dev.index is not None and n is not None and dev.index >= n:
+        raise DeviceMapError(
+            f"device {str(dev)!r} does not exist: this machine has {n} {dev.type.upper()} device(s) "
+            f"({dev.type}:0 to {dev.type}:{n - 1})"
+        )
     return dev
+
+
+def check_backend(backend: str) -> str:
+    """``backend`` itself when it is one of ``BACKENDS``; ``ArgumentError`` listing them otherwise.
+
+    >>> check_backend("pread")
+    'pread'
+    """
+    if backend not in BACKENDS:
+        raise ArgumentError(f"backend {backend!r} is invalid (expected one of: {', '.join(map(repr, BACKENDS))})")
+    return backend
+
+
+# First bytes of what ``torch.save`` writes: a zip archive (torch >= 1.6) or a pickle stream.
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _not_safetensors(path: str, prefix: bytes) -> FormatError | None:
+    """A clear error when ``path`` is a ``torch.save`` file rather than a safetensors one."""
+    if prefix.startswith(_ZIP_MAGIC):
+        kind = "a zip archive, as torch.save writes"
+    elif len(prefix) >= 2 and prefix[0] == 0x80 and 2 <= prefix[1] <= 5:
+        kind = "a pickle stream, as the legacy torch.save format writes"
+    else:
+        return None
+    return FormatError(
+        f"{path} is not a safetensors file: it is {kind} (pytorch_model.bin, *.pt, *.pth). "
+        f"Convert it once with `torchst convert {path} <output>` (weights_only, no pickle code runs)"
+    )
+
+
+def read_file_header(fd: int, file_size: int, source: str) -> Header:
+    """Read and validate the whole header of the open file ``fd`` (``file_size`` bytes long).
+
+    A ``torch.save`` file (zip or pickle) is a ``FormatError`` that says so and names the fix.
+
+    >>> fd = os.open("m.safetensors", os.O_RDONLY)
+    >>> sorted(read_file_header(fd, os.fstat(fd).st_size, "m.safetensors").tensors); os.close(fd)
+    ['embed.weight', 'lm_head.weight']
+    """
+    prefix = os.pread(fd, 8, 0)
+    try:
+        n = read_header_length(prefix, source=source, file_size=file_size)
+    except FormatError:
+        other = _not_safetensors(source, prefix)
+        if other is not None:
+            raise other from None
+        raise
+    raw = os.pread(fd, n, 8)
+    with _gc_paused():
+        return parse_header(raw, source=source, data_size=file_size - 8 - n)
 
 
 def _torch_shape(info: TensorInfo, row: DType, where: str) -> tuple[int, ...]:
@@ -97,8 +170,15 @@ def _gc_paused() -> Iterator[None]:
         gc.enable()
 
 
-def _torch_view(info: TensorInfo, source: str) -> tuple[torch.dtype, tuple[int, ...], int]:
-    """(torch dtype, torch shape, torch element size) of a validated header entry."""
+def torch_view(info: TensorInfo, source: str) -> tuple[torch.dtype, tuple[int, ...], int]:
+    """(torch dtype, torch shape, torch element size) of a validated header entry of ``source``.
+
+    Packed sub-byte dtypes (F4) have fewer torch elements on the last dimension; a dtype this
+    torch lacks is an ``UnsupportedDtypeError`` naming the file and tensor.
+
+    >>> torch_view(TensorInfo("w", "BF16", (2, 3), 0, 12), "m.safetensors")
+    (torch.bfloat16, (2, 3), 2)
+    """
     row = DTYPES[info.dtype]  # the code was checked by parse_header
     if row.torch_dtype is not None and row.pack == 1:
         return row.torch_dtype, info.shape, row.itemsize  # the hot path builds no message
@@ -112,7 +192,7 @@ def _from_window(buf: memoryview | bytes, info: TensorInfo, base: int, address: 
     Zero-copy when aligned, else one copy.  The tensor gets a storage of its own over
     exactly its bytes, so nothing looks shared to ``find_shared_tensors`` or the reference.
     """
-    dtype, shape, itemsize = _torch_view(info, source)
+    dtype, shape, itemsize = torch_view(info, source)
     if info.nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     start = base + info.begin
@@ -215,23 +295,22 @@ class SafeFile:
         verify: bool = False,
     ) -> None:
         """``fd``: read a duplicate of this open descriptor (the file as opened then) instead of opening ``path``."""
-        if backend not in BACKENDS:
-            raise ValueError(f'backend {backend!r} is invalid (expected one of: {", ".join(map(repr, BACKENDS))})')
+        self.backend = check_backend(backend)
         self.path = os.fspath(path)
-        self.device = check_device(device)  # before any byte is read: no late torch error from .to()
-        self.backend = backend
+        self.device = check_device(device)
         self._source = self.path
         if fd is None:
+            if os.path.isdir(self.path):
+                raise FormatError(
+                    f"{self.path} is a directory, not a .safetensors file; load a checkpoint directory with "
+                    f"torchst.load_state_dict({self.path!r}) or torchst.load_model(model, {self.path!r})"
+                )
             self._fd: int | None = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         else:
             self._fd = os.dup(fd)
         try:
             self.file_size = os.fstat(self._fd).st_size
-            prefix = os.pread(self._fd, 8, 0)
-            n = read_header_length(prefix, source=self._source, file_size=self.file_size)
-            raw = os.pread(self._fd, n, 8)
-            with _gc_paused():
-                self._header: Header = parse_header(raw, source=self._source, data_size=self.file_size - 8 - n)
+            self._header: Header = read_file_header(self._fd, self.file_size, self._source)
             # verify: the header is checked against its digest here; each tensor as it is read
             self._verifier = Verifier(self._header, source=self._source) if verify else None
         except BaseException:
@@ -378,7 +457,7 @@ class SafeFile:
         out: list[torch.Tensor] = []
         targets: list[tuple[int, memoryview]] = []
         for info in infos:
-            dtype, shape, _ = _torch_view(info, self._source)
+            dtype, shape, _ = torch_view(info, self._source)
             t = torch.empty(shape, dtype=dtype)
             out.append(t)
             if info.nbytes:
@@ -387,7 +466,7 @@ class SafeFile:
         return out
 
     def _pread_tensor(self, info: TensorInfo, offset: int) -> torch.Tensor:
-        dtype, shape, _ = _torch_view(info, self._source)
+        dtype, shape, _ = torch_view(info, self._source)
         out = torch.empty(shape, dtype=dtype)
         if info.nbytes:
             pread_parallel(self._require_open(), tensor_bytes(out), offset, source=self._source)

@@ -34,9 +34,11 @@ def load_checkpoint_and_dispatch(
 ) -> nn.Module:
     """Load ``checkpoint`` into ``model`` (usually built under ``init_empty_weights``) and dispatch it.
 
-    >>> with accelerate.init_empty_weights():
-    ...     model = MyNet()
-    >>> model = load_checkpoint_and_dispatch(model, "ckpt", device_map="auto")
+    >>> with torchst.init_empty_weights():
+    ...     net = MyNet()
+    >>> net = load_checkpoint_and_dispatch(net, "model.safetensors", device_map="auto", max_memory={"cpu": "1GB"})
+    >>> net.fc.weight.device
+    device(type='cpu')
     """
     try:
         import accelerate

@@ -108,9 +108,11 @@ class CheckpointManager:
     raises ``CheckpointError`` and every object is left as it was.  Close the manager (or use
     ``with``) so that a failed final async save is raised, not lost.
 
-    >>> with torchst.CheckpointManager("ckpt", keep_last=3, async_save=True) as mgr:
-    ...     step = mgr.restore({"model": model, "optim": opt, "sched": sched})  # latest step
+    >>> with torchst.CheckpointManager("my-run", keep_last=3, async_save=True) as mgr:
     ...     mgr.save(100, {"model": model, "optim": opt, "sched": sched, "epoch": 2})
+    ...     step = mgr.restore({"model": model, "optim": opt, "sched": sched})  # latest step
+    >>> step
+    100
     """
 
     def __init__(

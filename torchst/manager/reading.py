@@ -59,8 +59,10 @@ class _Moved(Exception):
 class OpenStep:
     """A committed step opened whole: its manifest and a descriptor per file, held until ``close()``.
 
-    >>> with open_step("ckpt", None) as opened:   # the latest step
+    >>> with open_step("run", None) as opened:   # the latest step
     ...     tensors, metadata = opened.read("model/model.safetensors")
+    >>> opened.step, sorted(tensors)
+    (1000, ['fc.bias', 'fc.weight'])
     """
 
     def __init__(self, path: str, step: int, manifest: dict[str, Any], fds: dict[str, int]) -> None:
@@ -179,8 +181,9 @@ def open_step(directory: str, step: int | None) -> OpenStep:
     Raises ``CheckpointNotFoundError`` when the step is not committed and
     ``CheckpointChangedError`` when writers kept replacing it for every attempt.
 
-    >>> with open_step("ckpt", 100) as opened:
-    ...     opened.manifest["metrics"]
+    >>> with open_step("run", 900) as opened:
+    ...     opened.step
+    900
     """
     for attempt in range(ATTEMPTS):
         target = step

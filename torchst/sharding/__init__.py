@@ -15,10 +15,12 @@ from .plan import SINGLE_FILE, ShardPlan, check_shard_name, parse_size, plan_sha
 if TYPE_CHECKING:
     from .checkpoint import OPEN_ATTEMPTS, Checkpoint, load_state_dict, open_checkpoint
     from .io import SaveResult, save_state_dict
+    from .load_plan import LoadPlan, PlannedRead, StoredTensor, plan_load
 
 _LAZY = {
     **dict.fromkeys(("OPEN_ATTEMPTS", "Checkpoint", "load_state_dict", "open_checkpoint"), ".checkpoint"),
     **dict.fromkeys(("SaveResult", "save_state_dict"), ".io"),
+    **dict.fromkeys(("LoadPlan", "PlannedRead", "StoredTensor", "plan_load"), ".load_plan"),
 }
 
 __all__ = [
@@ -27,9 +29,12 @@ __all__ = [
     "SINGLE_FILE",
     "Checkpoint",
     "Debris",
+    "LoadPlan",
+    "PlannedRead",
     "SaveResult",
     "ShardIndex",
     "ShardPlan",
+    "StoredTensor",
     "check_shard_name",
     "cleanup",
     "find_debris",
@@ -37,6 +42,7 @@ __all__ = [
     "load_state_dict",
     "open_checkpoint",
     "parse_size",
+    "plan_load",
     "plan_shards",
     "read_index",
     "save_state_dict",

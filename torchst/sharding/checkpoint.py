@@ -31,29 +31,28 @@ import mmap
 import os
 import random
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from .._dtypes import from_code
+from .._progress import progress as progress_bar
 from ..dedup import ALIASES_KEY, aliases_from_metadata, expand_aliases
-from ..devices import DeviceMap, ReadRequest, check_device, resolve_device_map, stream_tensors
+from ..devices import DeviceMap, stream_tensors
 from ..errors import (
     CheckpointChangedError,
     CheckpointError,
     CheckpointNotFoundError,
-    DeviceMapError,
     ShardIndexError,
-    TensorNotFoundError,
     TorchstError,
 )
 from ..format.checksum import CHECKSUM_KEY, Verifier, check_from_file, check_tensors, warn_unverified
-from ..format.header import Header, TensorInfo, parse_header, read_header_length
-from ..format.reader import BACKENDS, DeviceLike, SafeFile, _from_window, _gc_paused, _torch_shape
+from ..format.header import Header, TensorInfo
+from ..format.reader import DeviceLike, SafeFile, _from_window, read_file_header
 from ..storage.buffers import tensor_bytes
 from .index import INDEX_SUFFIX, MAX_INDEX_SIZE, ShardIndex, index_filename
 from .links import TRUSTED_ROOTS_ENV, check_link, trusted_roots_from
+from .load_plan import LoadPlan, StoredTensor, plan_load
 from .plan import SINGLE_FILE
 
 __all__ = ["OPEN_ATTEMPTS", "TRUSTED_ROOTS_ENV", "Checkpoint", "load_state_dict", "open_checkpoint"]
@@ -119,7 +118,7 @@ class Checkpoint:
 
     source: str
     files: tuple[str, ...]
-    tensors: dict[str, tuple[str, int, TensorInfo]]  # name -> (file path, data start, info)
+    tensors: dict[str, StoredTensor]
     aliases: dict[str, str]
     metadata: dict[str, str] = field(default_factory=dict)
     index: ShardIndex | None = None
@@ -172,6 +171,22 @@ class Checkpoint:
         """
         return SafeFile(path, device=device, backend=backend, fd=self._fd(path))
 
+    def plan(
+        self,
+        names: Collection[str] | None = None,
+        *,
+        device: DeviceLike = "cpu",
+        device_map: DeviceMap | None = None,
+        dtype: torch.dtype | None = None,
+        dtypes: Mapping[str, torch.dtype] | None = None,
+        backend: str = "mmap",
+        known: Collection[str] | None = None,
+    ) -> LoadPlan:
+        """What ``load`` would read, validated, nothing read yet; see ``torchst.sharding.plan_load``."""
+        return plan_load(
+            self, names, device=device, device_map=device_map, dtype=dtype, dtypes=dtypes, backend=backend, known=known
+        )
+
     def load(
         self,
         names: Collection[str] | None = None,
@@ -188,36 +203,44 @@ class Checkpoint:
         ``dtypes`` overrides the target dtype per stored name (``dtype`` casts floating tensors).
         ``verify`` checks every tensor read against its file's recorded checksum.
         """
-        if backend not in BACKENDS:
-            raise ValueError(f"backend {backend!r} is invalid (expected one of: {', '.join(map(repr, BACKENDS))})")
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating torch.dtype such as torch.bfloat16, found {dtype!r}")
-        wanted = self._select(names)
-        devices = self._devices(wanted, device, device_map)
-        targets = self._dtypes(wanted, dtype, dtypes)
+        plan = self.plan(names, device=device, device_map=device_map, dtype=dtype, dtypes=dtypes, backend=backend)
+        return self.read(plan, verify=verify)
+
+    def read(
+        self, plan: LoadPlan, *, on_bytes: Callable[[int], object] | None = None, verify: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Execute ``plan``: ``{name: tensor}`` in file order, then its aliases (same tensor objects).
+
+        ``on_bytes(n)`` is called as bytes arrive (a progress bar's ``update``); ``verify`` checks
+        every tensor read against its file's recorded checksum.
+        """
         out: dict[str, torch.Tensor] = {}
-        mapped = [n for n in wanted if devices[n].type == "cpu" and targets[n] is None and backend == "mmap"]
         by_file: dict[str, list[str]] = {}
-        for n in mapped:
-            by_file.setdefault(self.tensors[n][0], []).append(n)
+        if plan.backend == "mmap":
+            for r in plan.reads:
+                if r.zero_copy:
+                    by_file.setdefault(r.stored.path, []).append(r.name)
         checks = _Checks(self) if verify else None
         for path, group in by_file.items():
             out.update(self._mapped(path, group))
             if checks is not None:
-                checks.in_memory(path, [(self.tensors[n][2], out[n]) for n in group])
-        requests = [self._request(n, devices[n], targets[n]) for n in wanted if n not in out]
-        direct = {r.name for r in requests if r.device.type == "cpu" and r.out_dtype is None}
+                checks.in_memory(path, [(self.tensors[n].info, out[n]) for n in group])
+            if on_bytes is not None:
+                on_bytes(sum(self.tensors[n].info.nbytes for n in group))
+        rest = [r for r in plan.reads if r.name not in out]
+        direct = {r.name for r in rest if r.device.type == "cpu" and r.dtype is None}
         if checks is not None:
             # Targets that never hold the stored bytes in CPU memory (accelerators, casts) are
             # checked from the file first; CPU reads are hashed where they land.
-            checks.from_files(self._by_file([r.name for r in requests if r.name not in direct]))
-        out.update(stream_tensors(requests))
+            checks.from_files(self._by_file([r.name for r in rest if r.name not in direct]))
+        requests = (r.request(None if r.device.type == "meta" else self._fd(r.stored.path)) for r in rest)
+        out.update(stream_tensors(requests, on_bytes=on_bytes))
         if checks is not None:
-            for path, infos in self._by_file([n for n in wanted if n in direct]).items():
+            for path, infos in self._by_file([r.name for r in rest if r.name in direct]).items():
                 checks.in_memory(path, [(info, out[info.name]) for info in infos])
             checks.done()
-        ordered = {n: out[n] for n in wanted}
-        return expand_aliases(ordered, {a: k for a, k in self.aliases.items() if k in ordered})
+        ordered = {r.name: out[r.name] for r in plan.reads}
+        return expand_aliases(ordered, dict(plan.aliases))
 
     def _mapped(self, path: str, names: list[str]) -> dict[str, torch.Tensor]:
         # Zero-copy: each tensor is a window of one copy-on-write mapping of the descriptor we
@@ -225,7 +248,7 @@ class Checkpoint:
         size = self._handles.sizes[path]
         buf = memoryview(mmap.mmap(self._fd(path), size, access=mmap.ACCESS_COPY))
         address = torch.frombuffer(buf, dtype=torch.uint8, count=1).data_ptr() if size else 0
-        return {n: _from_window(buf, self.tensors[n][2], self.tensors[n][1], address, path) for n in names}
+        return {n: _from_window(buf, self.tensors[n].info, self.tensors[n].data_start, address, path) for n in names}
 
     def _by_file(self, names: Collection[str]) -> dict[str, list[TensorInfo]]:
         out: dict[str, list[TensorInfo]] = {}
@@ -235,54 +258,6 @@ class Checkpoint:
         for infos in out.values():
             infos.sort(key=lambda i: i.begin)
         return out
-
-    def _select(self, names: Collection[str] | None) -> list[str]:
-        if names is None:
-            return list(self.tensors)
-        stored = {self.aliases.get(n, n) for n in names}
-        missing = sorted(n for n in stored if n not in self.tensors)
-        if missing:
-            raise TensorNotFoundError(
-                f"{self.source}: checkpoint does not contain {missing[:5]} ({len(self.tensors)} tensors stored)"
-            )
-        return [n for n in self.tensors if n in stored]
-
-    def _devices(self, names: list[str], device: DeviceLike, device_map: DeviceMap | None) -> dict[str, torch.device]:
-        if device_map is None:
-            dev = check_device(device)
-            return dict.fromkeys(names, dev)
-        if isinstance(device_map, str):
-            raise DeviceMapError(
-                f"device_map={device_map!r} needs the model's structure; use torchst.load_model(model, ...) "
-                "or pass a dict {module prefix: device}"
-            )
-        return resolve_device_map(names, device_map)
-
-    def _dtypes(
-        self, names: list[str], dtype: torch.dtype | None, dtypes: Mapping[str, torch.dtype] | None
-    ) -> dict[str, torch.dtype | None]:
-        out: dict[str, torch.dtype | None] = {}
-        for n in names:
-            src = self._torch_dtype(n)
-            want = dtypes.get(n) if dtypes else None
-            if want is None and dtype is not None and src.is_floating_point:
-                want = dtype
-            out[n] = None if want == src else want
-        return out
-
-    def _torch_dtype(self, name: str) -> torch.dtype:
-        path, _, info = self.tensors[name]
-        return from_code(info.dtype).require_torch(f"{path}: tensor {name!r}")
-
-    def _request(self, name: str, device: torch.device, out_dtype: torch.dtype | None) -> ReadRequest:
-        path, start, info = self.tensors[name]
-        where = f"{path}: tensor {name!r}"
-        row = from_code(info.dtype, where)
-        shape = _torch_shape(info, row, where)
-        fd = None if device.type == "meta" else self._fd(path)
-        return ReadRequest(
-            name, path, start + info.begin, info.nbytes, row.require_torch(where), shape, device, out_dtype, fd
-        )
 
 
 class _Checks:
@@ -389,16 +364,13 @@ def _unchanged(source: str, anchor: _Anchor) -> bool:
 
 
 def _header(fd: int, size: int, source: str) -> Header:
-    n = read_header_length(os.pread(fd, 8, 0), source=source, file_size=size)
-    raw = os.pread(fd, n, 8)
-    with _gc_paused():
-        return parse_header(raw, source=source, data_size=size - 8 - n)
+    return read_file_header(fd, size, source)
 
 
 def _build(source: str, anchor: _Anchor, handles: _Handles, roots: tuple[str, ...]) -> Checkpoint:
     if anchor.content is None:
         header = _header(anchor.fd, anchor.size, anchor.path)
-        tensors = {n: (anchor.path, header.data_start, info) for n, info in header.tensors.items()}
+        tensors = {n: StoredTensor(anchor.path, header.data_start, info) for n, info in header.tensors.items()}
         md = header.metadata or {}
         return Checkpoint(
             source, (anchor.path,), tensors, _aliases([md], tensors), _user_metadata(md), _handles=handles
@@ -434,9 +406,9 @@ def _build(source: str, anchor: _Anchor, handles: _Handles, roots: tuple[str, ..
         files.append(shard)
         metadatas.append(header.metadata or {})
         for n in expected:
-            tensors[n] = (shard, header.data_start, header.tensors[n])
+            tensors[n] = StoredTensor(shard, header.data_start, header.tensors[n])
     position = {f: i for i, f in enumerate(files)}
-    ordered = {n: tensors[n] for n in sorted(tensors, key=lambda n: (position[tensors[n][0]], tensors[n][2].begin))}
+    ordered = {n: tensors[n] for n in sorted(tensors, key=lambda n: (position[tensors[n].path], tensors[n].info.begin))}
     md = _user_metadata(metadatas[0]) if metadatas else {}
     # huggingface_hub records the names it dropped in the index metadata rather than the shards
     from_index = {k: v for k, v in index.metadata.items() if isinstance(v, str)}
@@ -528,6 +500,7 @@ def load_state_dict(
     backend: str = "mmap",
     trusted_roots: Iterable[PathLike] | None = None,
     verify: bool = False,
+    progress: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every tensor of a file, directory or index; aliases map to the same tensor object.
 
@@ -537,10 +510,13 @@ def load_state_dict(
     result is one whole checkpoint even while a writer re-saves it (see ``open_checkpoint``).
     ``verify=True`` checks every tensor against its recorded checksum and raises
     ``IntegrityError`` naming file, tensor and byte range on a mismatch.
+    ``progress=True`` (or ``TORCHST_PROGRESS=1``) shows a bar.
 
     >>> sd = torchst.load_state_dict("ckpt", device="cpu", dtype=torch.bfloat16)
     >>> sd["lm_head.weight"] is sd["embed.weight"]
     True
     """
     with open_checkpoint(path_or_directory, trusted_roots=trusted_roots) as ckpt:
-        return ckpt.load(device=device, device_map=device_map, dtype=dtype, backend=backend, verify=verify)
+        plan = ckpt.plan(device=device, device_map=device_map, dtype=dtype, backend=backend)
+        with progress_bar(total=plan.nbytes, desc="Loading", enabled=progress) as bar:
+            return ckpt.read(plan, on_bytes=bar.update, verify=verify)

@@ -12,8 +12,7 @@ Saving a directory (a crash after any step leaves the old or the new checkpoint 
 4. files of the old checkpoint and stale temporaries are removed.
 
 A save killed before step 4 leaves its hidden temporaries behind (as large as the shards); the
-next successful save removes them, and ``torchst.sharding.cleanup`` / ``torchst cleanup DIR``
-do it on demand.
+next successful save removes them.
 
 Live readers (the reader's half is in ``torchst.sharding.checkpoint``): the writer changes the
 identity of the index before it touches any name a reader of the current index may open.  New
@@ -116,8 +115,10 @@ def save_state_dict(
     ``torchst verify``; ``checksums=False`` writes exactly what ``safetensors`` would.
     ``progress=True`` (or ``TORCHST_PROGRESS=1``) shows a bar of the bytes written.
 
-    >>> torchst.save_state_dict(model.state_dict(), "ckpt", max_shard_size="500MB")
-    >>> sd = torchst.load_state_dict("ckpt")
+    >>> torchst.save_state_dict(model.state_dict(), "my-ckpt", max_shard_size="500MB").files
+    ('model.safetensors',)
+    >>> sorted(torchst.load_state_dict("my-ckpt"))
+    ['fc.bias', 'fc.weight']
     """
     dedup = deduplicate(state_dict, tied_keys=tied_keys)
     # safetensors stores dense row-major bytes; copy only the tensors that are not (copy #1).

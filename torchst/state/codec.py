@@ -143,7 +143,8 @@ def encode_state(state: Mapping[str, Any], *, rng: bool = True) -> EncodedState:
     """Take a training state apart into a JSON tree and safetensors files (no I/O here).
 
     >>> enc = encode_state({"model": model, "optim": opt, "step": 10})
-    >>> sorted(enc.files)  # ['model/model.safetensors', 'state.safetensors']
+    >>> sorted(enc.files)
+    ['model/model.safetensors', 'state.safetensors']
     """
     if not isinstance(state, Mapping):
         raise SerializationError(
@@ -223,7 +224,10 @@ class _StateDecoder(TreeDecoder):
 def decode_state(tree: Mapping[str, Json], files: FileReader, *, where: str = "checkpoint") -> dict[str, Any]:
     """The saved state as plain values: modules and other objects become their state dicts.
 
-    >>> plain = decode_state(tree, reader); plain["model"]["fc.weight"]
+    >>> enc = encode_state({"model": model, "step": 10})
+    >>> plain = decode_state(enc.tree, lambda rel: (enc.files[rel].tensors, enc.files[rel].metadata))
+    >>> plain["model"]["fc.weight"].shape, plain["step"]
+    (torch.Size([4, 4]), 10)
     """
     saved = tree.get("state")
     if not isinstance(saved, dict):

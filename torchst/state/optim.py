@@ -42,7 +42,8 @@ def named_optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[int, 
     """``optimizer.state_dict()`` with positional parameter ids replaced by names.
 
     >>> sd = named_optimizer_state(opt, parameter_names([("", model)]))
-    >>> sorted(sd["state"])  # e.g. ['fc.bias', 'fc.weight']
+    >>> sorted(sd["state"])
+    ['fc.bias', 'fc.weight']
     """
     sd = optimizer.state_dict()
     ordered = _names(optimizer, names)
@@ -69,6 +70,7 @@ def prepare_named_optimizer_state(
     Raises ``CheckpointError`` without touching the optimizer when parameters or groups do
     not match, so a caller can check everything before it loads anything.
 
+    >>> saved = named_optimizer_state(opt, parameter_names([("", model)]))
     >>> sd = prepare_named_optimizer_state(fresh_opt, saved, parameter_names([("", fresh_model)]))
     >>> fresh_opt.load_state_dict(sd)
     """
@@ -127,6 +129,7 @@ def load_named_optimizer_state(
     hyperparameters of each group come from the saved group that held the same parameters.
     Nothing is loaded when the check fails.
 
+    >>> sd = named_optimizer_state(opt, parameter_names([("", model)]))
     >>> load_named_optimizer_state(fresh_opt, sd, parameter_names([("", fresh_model)]))
     """
     optimizer.load_state_dict(prepare_named_optimizer_state(optimizer, saved, names, where=where))

@@ -218,6 +218,9 @@ def restore_state(
     object is checked before the first one is written: on a mismatch ``CheckpointError``
     names the key and both shapes, and nothing has changed.
 
+    >>> from torchst.state.codec import encode_state
+    >>> enc = encode_state({"model": model, "optim": opt})
+    >>> reader = lambda rel: (enc.files[rel].tensors, enc.files[rel].metadata)
     >>> restore_state({"model": fresh_model, "optim": fresh_opt}, enc.tree, reader)
     """
     saved = tree.get("state")

@@ -102,8 +102,10 @@ class OutputFile:
     to the kernel straight from the caller's memory (no copy).
 
     >>> with open_output("out.bin") as f:
-    ...     f.write(b"header")
+    ...     _ = f.write(b"header")
     ...     f.writev([memoryview(b"a" * 10), memoryview(b"b" * 10)])
+    >>> os.path.getsize("out.bin")
+    26
     """
 
     def __init__(self, fd: int, name: str, *, writeback: bool = False) -> None:
@@ -186,8 +188,9 @@ def open_output(
     the file is removed either way.  ``size`` is the exact final size when known (preallocation);
     ``shown_as`` is the name errors use (default ``path``); ``writeback`` defaults to ``fsync``.
 
-    >>> with open_output("m.safetensors", size=len(blob), fsync=True) as f:
-    ...     f.write(blob)
+    >>> blob = torchst.save({"w": torch.ones(2)})
+    >>> with open_output("w.safetensors", size=len(blob), fsync=True) as f:
+    ...     _ = f.write(blob)
     """
     path = os.fspath(path)
     shown = shown_as if shown_as is not None else path
