@@ -191,8 +191,10 @@ def _broken(tmp_path: Path) -> None:
 
 def test_a_writer_that_never_pauses_gets_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     save(tmp_path, 1, 2)
+    from torchst.sharding import anchor
+
     monkeypatch.setattr(ck, "_unchanged", lambda source, anchor: False)
-    monkeypatch.setattr(ck.time, "sleep", lambda s: None)
+    monkeypatch.setattr(anchor.time, "sleep", lambda s: None)
     with pytest.raises(CheckpointChangedError, match=r"changed 10 times while it was being opened; a writer is re-sav"):
         load_state_dict(tmp_path)
 
@@ -336,3 +338,43 @@ def test_forked_child_reads_after_the_parent_used_the_io_pool(tmp_path: Path) ->
         child.join(10)
         if child.is_alive():
             child.kill()
+
+
+@pytest.mark.parametrize(("before", "after"), [(4, 2), (4, 4), (1, 4), (4, 1)])
+def test_header_only_resolve_retries_a_resave(tmp_path: Path, before: int, after: int) -> None:
+    # torchst.resolve (inspect, verify) reads headers without torch; a save landing between its
+    # index read and its header reads must not look like a damaged checkpoint.
+    import torchst.resolve as tr
+
+    save(tmp_path, 0, before)
+    real = tr._checkpoint_plan
+    calls = []
+
+    def plan(path: str, *args: Any) -> Any:
+        out = real(path, *args)
+        calls.append(1)
+        if len(calls) == 1:
+            save(tmp_path, 1, after)
+        return out
+
+    tr._checkpoint_plan = plan  # type: ignore[assignment]
+    try:
+        layout = tr.resolve(tmp_path)
+    finally:
+        tr._checkpoint_plan = real  # type: ignore[assignment]
+    assert len(calls) == 2
+    assert layout.kind == ("file" if after == 1 else "sharded") and len(layout.files) == after
+    assert sorted(layout.parts[0].tensors) == [f"t{i}" for i in range(N)]
+
+
+def test_header_only_resolve_gives_up_on_a_writer_that_never_pauses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torchst.resolve as tr
+    from torchst.sharding import anchor
+
+    save(tmp_path, 1, 2)
+    monkeypatch.setattr(anchor.HeldAnchor, "unchanged", lambda self, source: False)
+    monkeypatch.setattr(anchor.time, "sleep", lambda s: None)
+    with pytest.raises(CheckpointChangedError, match="changed 10 times"):
+        tr.resolve(tmp_path)

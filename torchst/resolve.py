@@ -32,9 +32,10 @@ from typing import Any, Literal, NamedTuple
 
 from ._aliases import ALIASES_KEY, aliases_from_metadata
 from ._progress import progress as _progress
-from .errors import CheckpointError, CheckpointNotFoundError, FormatError, ShardIndexError
+from .errors import CheckpointError, CheckpointNotFoundError, FormatError, ShardIndexError, TorchstError
 from .format.header import Header, TensorInfo, parse_header, read_header_length
 from .manager.layout import MANIFEST, committed_steps, parse_manifest, step_location
+from .sharding.anchor import OPEN_ATTEMPTS, HeldAnchor, backoff, changed_error
 from .sharding.index import INDEX_SUFFIX, ShardIndex, index_filename, read_index
 from .sharding.links import check_link, trusted_roots_from
 from .sharding.plan import SINGLE_FILE
@@ -364,9 +365,30 @@ def resolve(path: str | os.PathLike[str], *, progress: bool | None = None) -> La
         if steps:
             plans = [pl for s in steps for pl in _step_plans(_located(p, s), f"step_{s}/")]
             return Layout("run", p, tuple(_read_parts(plans, progress)), tuple(steps))
-    plan = _checkpoint_plan(p)
-    kind: Kind = "file" if plan.index is None else "sharded"
-    return Layout(kind, p, tuple(_read_parts([plan], progress)))
+    # A lone checkpoint may be re-saved while we read it: read it whole from one anchor, or retry.
+    for attempt in range(OPEN_ATTEMPTS):
+        try:
+            held = HeldAnchor.of(p)
+        except FileNotFoundError:
+            held = None  # resolved, then replaced before we opened it
+            if attempt + 1 < OPEN_ATTEMPTS:
+                backoff(attempt)
+                continue
+        try:
+            try:
+                plan = _checkpoint_plan(p)
+                parts = tuple(_read_parts([plan], progress))
+            except (OSError, TorchstError):
+                if held is None or held.unchanged(p):
+                    raise  # the checkpoint's own problem, not a race with a writer
+            else:
+                if held is None or held.unchanged(p):
+                    return Layout("file" if plan.index is None else "sharded", p, parts)
+        finally:
+            if held is not None:
+                held.close()
+        backoff(attempt)
+    raise changed_error(p)
 
 
 def step_layout(directory: str, step: int, *, progress: bool | None = None) -> Layout:

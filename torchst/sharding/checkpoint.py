@@ -29,8 +29,6 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import random
-import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -40,7 +38,6 @@ from .._progress import progress as progress_bar
 from ..dedup import ALIASES_KEY, aliases_from_metadata, expand_aliases
 from ..devices import DeviceMap, stream_tensors
 from ..errors import (
-    CheckpointChangedError,
     CheckpointError,
     CheckpointNotFoundError,
     ShardIndexError,
@@ -50,6 +47,7 @@ from ..format.checksum import CHECKSUM_KEY, Verifier, check_from_file, check_ten
 from ..format.header import Header, TensorInfo
 from ..format.reader import DeviceLike, SafeFile, _from_window, read_file_header
 from ..storage.buffers import tensor_bytes
+from .anchor import OPEN_ATTEMPTS, backoff, changed_error
 from .index import INDEX_SUFFIX, MAX_INDEX_SIZE, ShardIndex, index_filename
 from .links import TRUSTED_ROOTS_ENV, check_link, trusted_roots_from
 from .load_plan import LoadPlan, StoredTensor, plan_load
@@ -59,9 +57,6 @@ __all__ = ["OPEN_ATTEMPTS", "TRUSTED_ROOTS_ENV", "Checkpoint", "load_state_dict"
 
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
-# A writer commits at most a few times a second; a reader that loses this many races in a row
-# (about 0.4 s of backoff in all) is facing a writer in a tight loop and should hear about it.
-OPEN_ATTEMPTS = 10
 _O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -467,11 +462,8 @@ def open_checkpoint(path_or_directory: PathLike, *, trusted_roots: Iterable[Path
             raise
         handles.close()
         if attempt + 1 < OPEN_ATTEMPTS:
-            time.sleep(min(0.1, 0.002 * 2**attempt) * (0.5 + random.random()))
-    raise CheckpointChangedError(
-        f"{source}: the checkpoint changed {OPEN_ATTEMPTS} times while it was being opened; a writer is re-saving "
-        "it.  Retry when the writer pauses, or load a checkpoint the writer no longer replaces"
-    )
+            backoff(attempt)
+    raise changed_error(source)
 
 
 def _aliases(metadatas: list[dict[str, str]], tensors: Mapping[str, object]) -> dict[str, str]:
