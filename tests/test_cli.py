@@ -144,3 +144,19 @@ def test_diff_nan_positions_and_complex_values(tmp_path: Path, capsys: pytest.Ca
         "~ n: max abs difference 0 (atol 0), NaN positions differ",
         "3 difference(s): 3 vs 3 tensors",
     ]
+
+
+def test_verify_full_checks_recorded_checksums(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "x.safetensors"
+    torchst.save_file({"a": torch.arange(100.0), "b": torch.ones(10)}, p, checksums=True)
+    assert main(["verify", str(p), "--full"]) == 0
+    assert "checksums verified in 1 of 1 file(s)" in capsys.readouterr().out
+    raw = bytearray(p.read_bytes())
+    raw[-3] ^= 0x40  # one flipped bit inside a tensor: headers still valid
+    p.write_bytes(bytes(raw))
+    assert main(["verify", str(p)]) == 0  # headers only: the flip is not seen
+    capsys.readouterr()
+    assert main(["verify", str(p), "--full", "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    (check,) = doc["checks"]
+    assert check["ok"] is False and check["error"] == "IntegrityError" and len(check["problems"]) == 1

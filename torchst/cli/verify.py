@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._progress import progress
 from ..errors import CheckpointNotFoundError, TorchstError
@@ -31,14 +31,36 @@ def register(sub: Any, common: argparse.ArgumentParser, epilog: str) -> None:
     p.set_defaults(run=run)
 
 
-def read_all(layout: Layout, enabled: bool) -> int:
-    """Read every tensor byte of ``layout`` (the I/O check of ``--full``); returns the bytes read."""
+class FullCheck(NamedTuple):
+    """What ``--full`` found: bytes read, files whose checksums were checked, corruption found."""
+
+    bytes_read: int
+    checksummed: int
+    problems: list[str]
+
+
+def read_all(layout: Layout, enabled: bool) -> FullCheck:
+    """Read every byte of ``layout``, checking the per-tensor checksums of files that record them."""
+    from ..format.checksum import verify_file  # imports torch; only --full gets here
+
     files = {f: os.path.getsize(f) for f in layout.files}
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    done = 0
+    view = memoryview(bytearray(_CHUNK))
+    done, checksummed, problems = 0, 0, []
     with progress(total=sum(files.values()), desc="Reading", enabled=enabled) as bar:
         for path, size in files.items():
+            seen = [0]
+
+            def counted(n: int, seen: list[int] = seen) -> None:
+                seen[0] += n
+                bar.update(n)
+
+            report = verify_file(path, on_bytes=counted)  # reads the file only if it records checksums
+            if report.has_checksums:
+                checksummed += 1
+                problems += [str(e) for e in report.problems]
+                done += size
+                bar.update(max(0, size - seen[0]))  # the header
+                continue
             got = 0
             with open(path, "rb", buffering=0) as f:
                 while n := f.readinto(view):
@@ -47,18 +69,24 @@ def read_all(layout: Layout, enabled: bool) -> int:
             if got != size:  # the file changed while we read it
                 raise OSError(f"{path}: read {got:,} bytes, expected {size:,}; is something writing it?")
             done += got
-    return done
+    return FullCheck(done, checksummed, problems)
 
 
 def _check(make: Any, full: bool, enabled: bool) -> dict[str, Any]:
     try:
         layout = make()
-        read = read_all(layout, enabled) if full else 0
+        found = read_all(layout, enabled) if full else FullCheck(0, 0, [])
     except CheckpointNotFoundError:
         raise
     except TorchstError as e:
         return {"ok": False, "error": type(e).__name__, "message": str(e)}
-    tensors = sum(len(p.tensors) for p in layout.parts)
+    if found.problems:
+        return {
+            "ok": False,
+            "error": "IntegrityError",
+            "message": "; ".join(found.problems),
+            "problems": found.problems,
+        }
     unindexed = {f: list(names) for p in layout.parts for f, names in p.unindexed.items()}
     if unindexed:
         count = sum(map(len, unindexed.values()))
@@ -70,7 +98,14 @@ def _check(make: Any, full: bool, enabled: bool) -> dict[str, Any]:
             f"(e.g. {names[0]!r} in {path}); the index and the shards come from different saves",
             "unindexed": unindexed,
         }
-    return {"ok": True, "tensors": tensors, "files": len(layout.files), "bytes_read": read, "layout": layout}
+    return {
+        "ok": True,
+        "tensors": sum(len(p.tensors) for p in layout.parts),
+        "files": len(layout.files),
+        "bytes_read": found.bytes_read,
+        "checksummed_files": found.checksummed,
+        "layout": layout,
+    }
 
 
 def _debris(path: str) -> list[Any]:
@@ -107,7 +142,10 @@ def run(args: argparse.Namespace) -> int:
     for step, r in results.items():
         where = f"step_{step}: " if step is not None else ""
         if r["ok"]:
-            read = f" ({human(r['bytes_read'])} read)" if args.full else ""
+            read = ""
+            if args.full:
+                sums = f", checksums verified in {r['checksummed_files']} of {r['files']} file(s)"
+                read = f" ({human(r['bytes_read'])} read{sums if r['checksummed_files'] else ''})"
             print(f"{where}OK: {r['tensors']:,} tensors in {r['files']} file(s), {what}{read}")
         else:
             print(f"{where}CORRUPT: {r['message']}")
