@@ -177,3 +177,19 @@ def test_os_errors_and_ctrl_c_have_no_traceback(
     assert main(["convert", str(files["a"]), str(tmp_path / "plain" / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("torchst convert: error: ") and "plain" in err and "Traceback" not in err
+
+
+def test_a_closed_pipe_is_not_an_error(tmp_path: Path) -> None:
+    # `torchst inspect big | head -1`: the reader goes away early; no traceback, exit 0.
+    big = tmp_path / "big.safetensors"
+    torchst.save_file({f"layer.{i}.weight": torch.zeros(1) for i in range(5000)}, big)  # more than a pipe buffer
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torchst", "inspect", str(big)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()  # like `head -1` exiting
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and first.startswith(b"layer.") and "Traceback" not in err
