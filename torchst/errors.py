@@ -20,6 +20,7 @@ __all__ = [
     "HeaderError",
     "IntegrityError",
     "OffsetError",
+    "RemoteError",
     "SerializationError",
     "ShardIndexError",
     "SharedTensorError",
@@ -138,4 +139,19 @@ class WriteError(TorchstError, OSError):
     """
 
     def __str__(self) -> str:  # OSError would prefix "[Errno N]" and append the filename again
+        return str(self.strerror) if self.strerror is not None else super().__str__()
+
+
+class RemoteError(TorchstError, OSError):
+    """Object storage refused or failed a request (access denied, an upload or read that failed).
+
+    ``errno`` says what kind (``EACCES`` for refused access, ``EIO`` otherwise); the message names
+    the URL.  A missing bucket or object is a ``CheckpointNotFoundError`` instead.
+
+    >>> import errno
+    >>> str(RemoteError(errno.EACCES, "s3://b/m.safetensors: cannot read: access denied"))
+    's3://b/m.safetensors: cannot read: access denied'
+    """
+
+    def __str__(self) -> str:  # OSError would prefix "[Errno N]"
         return str(self.strerror) if self.strerror is not None else super().__str__()

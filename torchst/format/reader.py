@@ -26,6 +26,7 @@ import torch
 from .._dtypes import DTYPES, DType, from_code
 from ..errors import ArgumentError, DeviceMapError, FormatError, TensorNotFoundError, UnsupportedDtypeError
 from ..storage.buffers import anon_buffer, pread_parallel, read_scatter, tensor_bytes
+from ..storage.remote import is_url
 from .checksum import Verifier, check_tensors, warn_unverified
 from .header import Header, TensorInfo, parse_header, read_header_length
 
@@ -489,6 +490,10 @@ def safe_open(
     """
     if framework not in ("pt", "torch", "pytorch"):
         raise ValueError(f"framework {framework!r} is not supported by torchst; use 'pt'")
+    if is_url(path):
+        from .remote import RemoteSafeFile
+
+        return RemoteSafeFile(os.fspath(path), device=device, verify=verify)
     return SafeFile(path, device=device, backend=backend, verify=verify)
 
 
@@ -502,6 +507,11 @@ def load_file(
 
     >>> tensors = torchst.load_file("m.safetensors", device="cpu", verify=True)
     """
+    if is_url(path):
+        from .remote import RemoteSafeFile
+
+        with RemoteSafeFile(os.fspath(path), device=device, verify=verify) as r:
+            return r.get_tensors()
     with SafeFile(path, device=device, backend=backend, verify=verify) as f:
         return f.get_tensors()
 

@@ -20,6 +20,7 @@ from .._dtypes import DType, from_torch
 from ..errors import SerializationError, SharedTensorError
 from ..storage.atomic import OutputFile, open_output
 from ..storage.buffers import io_pool, pwrite_all, tensor_bytes, write_all, writev_all
+from ..storage.remote import is_url
 from .checksum import CHECKSUM_KEY, checksum_metadata, crc32c
 from .header import METADATA_KEY, build_header, encode_prefix
 
@@ -412,6 +413,11 @@ def save_file(
     >>> torchst.save_file({"w": torch.ones(2, 2)}, "m.safetensors", metadata={"format": "pt"})
     >>> torchst.save_file({"w": torch.ones(2, 2)}, "m.safetensors", checksums=True)
     """
+    if is_url(path):
+        from .remote import save_file_remote
+
+        save_file_remote(tensors, os.fspath(path), metadata, checksums=checksums)
+        return
     plan = plan_write(tensors, metadata, checksums=checksums)
     with open_output(path, size=plan.total_size, fsync=fsync) as f:
         write_tensors(f, plan)

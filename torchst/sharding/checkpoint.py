@@ -47,6 +47,7 @@ from ..format.checksum import CHECKSUM_KEY, Verifier, check_from_file, check_ten
 from ..format.header import Header, TensorInfo
 from ..format.reader import DeviceLike, SafeFile, _from_window, read_file_header
 from ..storage.buffers import tensor_bytes
+from ..storage.remote import is_url
 from .anchor import OPEN_ATTEMPTS, backoff, changed_error
 from .index import INDEX_SUFFIX, MAX_INDEX_SIZE, ShardIndex, index_filename
 from .links import TRUSTED_ROOTS_ENV, check_link, trusted_roots_from
@@ -435,6 +436,10 @@ def open_checkpoint(path_or_directory: PathLike, *, trusted_roots: Iterable[Path
     (3, ['embed.weight', 'layers.0.weight', 'layers.1.weight', 'lm_head.weight'])
     """
     source = os.fspath(path_or_directory)
+    if is_url(source):
+        from .remote import open_remote_checkpoint
+
+        return open_remote_checkpoint(source)
     roots = trusted_roots_from(trusted_roots)
     for attempt in range(OPEN_ATTEMPTS):
         handles = _Handles()

@@ -48,6 +48,7 @@ from ..dedup import ALIASES_KEY, TiedKeys, alias_metadata, deduplicate
 from ..errors import SerializationError, ShardIndexError, TorchstError
 from ..format.writer import WritePlan, plan_write, write_tensors
 from ..storage.atomic import atomic_write, fsync_dir, open_output, temp_path, write_error
+from ..storage.remote import is_url
 from .checkpoint import Checkpoint, load_state_dict, open_checkpoint
 from .debris import ATOMIC_TEMP, SHARD_TEMP, save_lock
 from .index import ShardIndex, index_filename, read_index
@@ -124,6 +125,19 @@ def save_state_dict(
     # safetensors stores dense row-major bytes; copy only the tensors that are not (copy #1).
     tensors = {n: t if t.is_contiguous() else t.contiguous() for n, t in dedup.tensors.items()}
     path = os.fspath(path_or_directory)
+    if is_url(path):
+        from .remote import save_remote
+
+        def file_metadata(names: Collection[str]) -> dict[str, str]:
+            kept = set(names)
+            return _file_metadata(metadata, {a: k for a, k in dedup.aliases.items() if k in kept})
+
+        _file_metadata(metadata, {})  # validate before anything is uploaded
+        files, idx, size = save_remote(
+            tensors, path, file_metadata=file_metadata, max_shard_size=max_shard_size, checksums=checksums
+        )
+        base = path.rsplit("/", 1)[0] if path.endswith(".safetensors") else path
+        return SaveResult(base, files, idx, dedup.aliases, size)
     if path.endswith(".safetensors"):
         md = _file_metadata(metadata, dedup.aliases)
         plan = plan_write(tensors, md, checksums=checksums)
