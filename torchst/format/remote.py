@@ -6,8 +6,11 @@ ranges a call needs (a tensor, the rows of a slice), fetched in parallel straigh
 memory of the tensors returned.  Writes stream into a multipart upload that becomes visible
 only when complete, so no reader ever sees a partial file.
 
->>> with torchst.safe_open("s3://bucket/model.safetensors") as f:
-...     w = f.get_slice("embed.weight")[0:16]      # fetches 16 rows, not the file
+>>> torchst.save_file({"embed.weight": torch.arange(12.0).view(6, 2)}, "memory://bucket/m.safetensors")
+>>> with torchst.safe_open("memory://bucket/m.safetensors") as f:  # s3://, gs://, ... alike
+...     f.get_slice("embed.weight")[1:3]      # fetches 2 rows, not the file
+tensor([[2., 3.],
+        [4., 5.]])
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from ..storage.buffers import tensor_bytes
 from ..storage.remote import RemoteObject, open_writer
 from .checksum import Verifier, warn_unverified
 from .header import Header, TensorInfo, parse_header, read_header_length
-from .reader import DeviceLike, SafeFile, _gc_paused, _torch_view, check_device
+from .reader import DeviceLike, SafeFile, _gc_paused, check_device, torch_view
 from .writer import plan_write, write_tensors
 
 __all__ = ["HEADER_GUESS", "RemoteSafeFile", "open_header", "save_file_remote"]
@@ -44,8 +47,10 @@ def open_header(obj: RemoteObject) -> Header:
 class RemoteSafeFile(SafeFile):
     """An open remote .safetensors file: header fetched, tensors fetched by ranges on demand.
 
-    >>> with RemoteSafeFile("s3://bucket/m.safetensors") as f:
-    ...     w = f.get_tensor("lm_head.weight")
+    >>> torchst.save_file({"w": torch.ones(2)}, "memory://bucket/one.safetensors")
+    >>> with RemoteSafeFile("memory://bucket/one.safetensors") as f:
+    ...     f.get_tensor("w")
+    tensor([1., 1.])
     """
 
     def __init__(self, path: str, *, device: DeviceLike = "cpu", verify: bool = False, **_: Any) -> None:
@@ -88,7 +93,7 @@ class RemoteSafeFile(SafeFile):
         out: list[torch.Tensor] = []
         targets = []
         for info in infos:
-            dtype, shape, _ = _torch_view(info, self._source)
+            dtype, shape, _ = torch_view(info, self._source)
             t = torch.empty(shape, dtype=dtype)
             out.append(t)
             if info.nbytes:
@@ -98,7 +103,7 @@ class RemoteSafeFile(SafeFile):
 
     def _pread_tensor(self, info: TensorInfo, offset: int) -> torch.Tensor:
         self._require_open()
-        dtype, shape, _ = _torch_view(info, self._source)
+        dtype, shape, _ = torch_view(info, self._source)
         out = torch.empty(shape, dtype=dtype)
         if info.nbytes:
             self._obj.read_into([(offset, tensor_bytes(out))])

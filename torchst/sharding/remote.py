@@ -14,33 +14,34 @@ Object stores have no atomic rename, so the commit protocol is by order of write
   every later read is pinned to the ETag seen then: a shard replaced by a writer mid-load raises
   ``CheckpointChangedError`` instead of mixing two saves.
 
->>> torchst.save_model(model, "s3://bucket/run/ckpt", max_shard_size="2GB")
->>> torchst.load_model(model, "s3://bucket/run/ckpt")
+>>> saved = torchst.save_model(model, "memory://bucket/run/ckpt", max_shard_size=64)
+>>> saved.files, saved.index_file
+(('model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors'), 'model.safetensors.index.json')
+>>> missing, unexpected = torchst.load_model(fresh_model, "memory://bucket/run/ckpt")
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .._dtypes import from_code
 from ..dedup import expand_aliases
-from ..devices import DeviceMap
 from ..errors import CheckpointError, CheckpointNotFoundError, ShardIndexError, TorchstError
 from ..format.checksum import Verifier, check_tensors, warn_unverified
 from ..format.header import Header
-from ..format.reader import BACKENDS, DeviceLike, SafeFile, _torch_shape
+from ..format.reader import DeviceLike, SafeFile
 from ..format.remote import RemoteSafeFile, open_header
 from ..format.writer import plan_write, write_tensors
 from ..storage.buffers import tensor_bytes
 from ..storage.remote import RemoteObject, RemoteWriter, delete, exists, join, open_writer, read_bytes, write_bytes
 from .checkpoint import Checkpoint, _aliases, _user_metadata
 from .index import INDEX_SUFFIX, MAX_INDEX_SIZE, ShardIndex, index_filename
+from .load_plan import LoadPlan, PlannedRead, StoredTensor
 from .plan import SINGLE_FILE, plan_shards
 
 __all__ = ["RemoteCheckpoint", "open_remote_checkpoint", "save_remote"]
@@ -74,80 +75,61 @@ class RemoteCheckpoint(Checkpoint):
             raise CheckpointError(f"{self.source}: {path} is not a file of this checkpoint")
         return RemoteSafeFile(path, device=device)
 
-    def load(
-        self,
-        names: Collection[str] | None = None,
-        *,
-        device: DeviceLike = "cpu",
-        device_map: DeviceMap | None = None,
-        dtype: torch.dtype | None = None,
-        dtypes: Mapping[str, torch.dtype] | None = None,
-        backend: str = "mmap",
-        verify: bool = False,
+    def read(
+        self, plan: LoadPlan, *, on_bytes: Callable[[int], object] | None = None, verify: bool = False
     ) -> dict[str, torch.Tensor]:
-        """Fetch ``names`` (default: all) straight into new tensors; see ``Checkpoint.load``."""
-        if backend not in BACKENDS:
-            raise ValueError(f"backend {backend!r} is invalid (expected one of: {', '.join(map(repr, BACKENDS))})")
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating torch.dtype such as torch.bfloat16, found {dtype!r}")
-        wanted = self._select(names)
-        devices = self._devices(wanted, device, device_map)
-        targets = self._dtypes(wanted, dtype, dtypes)
+        """Execute ``plan`` with ranged GETs straight into new tensors; see ``Checkpoint.read``."""
         verifiers = {p: Verifier(h, source=p) for p, h in self._headers.items()} if verify else {}
         out: dict[str, torch.Tensor] = {}
-        batch: list[str] = []
+        batch: list[PlannedRead] = []
         staged = 0
-        for n in wanted:
-            path, _, info = self.tensors[n]
-            stored = from_code(info.dtype).require_torch(f"{path}: tensor {n!r}")
-            shape = _torch_shape(info, from_code(info.dtype), f"{path}: tensor {n!r}")
-            dev = devices[n]
-            if dev.type == "meta":
-                out[n] = torch.empty(shape, dtype=targets[n] or stored, device="meta")
+        for r in plan.reads:
+            if r.device.type == "meta":
+                out[r.name] = torch.empty(r.shape, dtype=r.dtype or r.stored_dtype, device="meta")
                 continue
-            pin = dev.type == "cuda" and torch.cuda.is_available()
-            out[n] = torch.empty(shape, dtype=stored, pin_memory=pin)  # fetched straight into this memory
-            batch.append(n)
-            if dev.type != "cpu":
-                staged += info.nbytes
-            if staged >= STAGING_BYTES:
-                self._fetch(batch, out, devices, targets, verifiers)
+            pin = r.device.type == "cuda" and torch.cuda.is_available()
+            out[r.name] = torch.empty(r.shape, dtype=r.stored_dtype, pin_memory=pin)  # fetched straight here
+            batch.append(r)
+            if not r.zero_copy:
+                staged += r.stored.info.nbytes
+            if staged >= STAGING_BYTES:  # host memory for accelerator-bound tensors stays bounded
+                self._fetch(batch, out, verifiers, on_bytes)
                 batch, staged = [], 0
-        self._fetch(batch, out, devices, targets, verifiers)
+        self._fetch(batch, out, verifiers, on_bytes)
         warn_unverified([p for p, v in verifiers.items() if not v.active])
-        ordered = {n: out[n] for n in wanted}
-        return expand_aliases(ordered, {a: k for a, k in self.aliases.items() if k in ordered})
+        ordered = {r.name: out[r.name] for r in plan.reads}
+        return expand_aliases(ordered, dict(plan.aliases))
 
     def _fetch(
         self,
-        names: Sequence[str],
+        reads: Sequence[PlannedRead],
         out: dict[str, torch.Tensor],
-        devices: Mapping[str, torch.device],
-        targets: Mapping[str, torch.dtype | None],
         verifiers: Mapping[str, Verifier],
+        on_bytes: Callable[[int], object] | None,
     ) -> None:
-        by_file: dict[str, list[str]] = {}
-        for n in names:
-            by_file.setdefault(self.tensors[n][0], []).append(n)
+        by_file: dict[str, list[PlannedRead]] = {}
+        for r in reads:
+            by_file.setdefault(r.stored.path, []).append(r)
 
-        def one(path: str, group: list[str]) -> None:
-            obj = self._objects[path]
-            obj.read_into(
-                [(self.tensors[n][1] + self.tensors[n][2].begin, tensor_bytes(out[n])) for n in group if out[n].numel()]
+        def one(path: str, group: list[PlannedRead]) -> None:
+            self._objects[path].read_into(
+                [(r.stored.offset, tensor_bytes(out[r.name])) for r in group if r.stored.info.nbytes]
             )
             verifier = verifiers.get(path)
             if verifier is not None and verifier.active:
-                check_tensors(verifier, [(self.tensors[n][2], tensor_bytes(out[n])) for n in group])
+                check_tensors(verifier, [(r.stored.info, tensor_bytes(out[r.name])) for r in group])
+            if on_bytes is not None:
+                on_bytes(sum(r.stored.info.nbytes for r in group))
 
         with ThreadPoolExecutor(max_workers=max(1, min(4, len(by_file)))) as pool:
             futures = [pool.submit(one, p, g) for p, g in by_file.items()]
         for f in futures:
             f.result()
-        for n in names:
-            t, dev, want = out[n], devices[n], targets[n]
-            if dev.type != "cpu":
-                t = t.to(dev, non_blocking=t.is_pinned())
-            out[n] = t if want is None else t.to(want)
+        for r in reads:
+            t = out[r.name]
+            if r.device.type != "cpu":
+                t = t.to(r.device, non_blocking=t.is_pinned())
+            out[r.name] = t if r.dtype is None else t.to(r.dtype)
 
 
 def _resolve(url: str) -> tuple[str, bytes | None]:
@@ -175,8 +157,9 @@ def _index_bytes(url: str) -> bytes:
 def open_remote_checkpoint(url: str) -> RemoteCheckpoint:
     """Open the checkpoint at ``url`` (a file, a prefix, or an index): headers only, in parallel.
 
-    >>> ckpt = open_remote_checkpoint("s3://bucket/ckpt")
-    >>> sd = ckpt.load(device="cpu")
+    >>> _ = torchst.save_state_dict({"w": torch.ones(2)}, "memory://bucket/sd")
+    >>> open_remote_checkpoint("memory://bucket/sd").load(device="cpu")
+    {'w': tensor([1., 1.])}
     """
     anchor, content = _resolve(url)
     if content is None:
@@ -189,7 +172,7 @@ def open_remote_checkpoint(url: str) -> RemoteCheckpoint:
                     f"{url}: no checkpoint here: neither {index_filename()} nor {SINGLE_FILE} exists under this prefix"
                 ) from None
             raise
-        single = {n: (anchor, header.data_start, info) for n, info in header.tensors.items()}
+        single = {n: StoredTensor(anchor, header.data_start, info) for n, info in header.tensors.items()}
         md = header.metadata or {}
         return RemoteCheckpoint(
             url,
@@ -229,7 +212,7 @@ def open_remote_checkpoint(url: str) -> RemoteCheckpoint:
             )
         metadatas.append(header.metadata or {})
         for n in expected:
-            tensors[n] = (shard, header.data_start, header.tensors[n])
+            tensors[n] = StoredTensor(shard, header.data_start, header.tensors[n])
     position = {s: i for i, s in enumerate(shards)}
     ordered = {n: tensors[n] for n in sorted(tensors, key=lambda n: (position[tensors[n][0]], tensors[n][2].begin))}
     md = _user_metadata(metadatas[0]) if metadatas else {}

@@ -165,9 +165,14 @@ def _crc32c_b64(data: bytes | bytearray | memoryview, crc: int = 0) -> str:
 class RemoteObject:
     """One object of a store, read by byte ranges.
 
-    >>> obj = RemoteObject("s3://bucket/model.safetensors")
-    >>> first = obj.head(64 << 10)      # one GET; obj.size is known afterwards
-    >>> obj.read_into([(8, memoryview(bytearray(16)))])
+    >>> with open_writer("memory://bucket/blob") as w:
+    ...     _ = w.write(b"0123456789"); w.commit()
+    >>> obj = RemoteObject("memory://bucket/blob")
+    >>> obj.head(4), obj.size      # one GET on S3; the size comes with it
+    (b'0123', 10)
+    >>> buf = bytearray(3); obj.read_into([(5, memoryview(buf))]); bytes(buf)
+    b'567'
+
     """
 
     def __init__(self, url: str) -> None:
@@ -339,8 +344,10 @@ def write_bytes(url: str, data: bytes) -> None:
 class RemoteWriter:
     """A write-only stream to one object; visible only after ``commit()``, discarded otherwise.
 
-    >>> with open_writer("s3://bucket/m.safetensors") as w:
-    ...     w.write(header); w.write(memoryview(tensor_bytes)); w.commit()
+    >>> with open_writer("memory://bucket/out.bin") as w:
+    ...     _ = w.write(b"header"); _ = w.write(memoryview(b"tensor bytes")); w.commit()
+    >>> read_bytes("memory://bucket/out.bin")
+    b'headertensor bytes'
     """
 
     def __init__(self, url: str, *, part_size: int = PART_SIZE) -> None:
