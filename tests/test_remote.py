@@ -323,3 +323,20 @@ def test_readers_ignore_uncommitted_shards(s3: S3Server) -> None:
     # a shard of an interrupted sharded save that never wrote its index
     torchst.save_file({"zzz": torch.ones(3)}, f"{url}/model-00001-of-00002.safetensors")
     _same(torchst.load_state_dict(url), sd)
+
+
+@pytest.mark.slow
+def test_bench_remote_quick_prints_json_lines() -> None:
+    import json
+    import os
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_remote.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(script.parents[1])}, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert {r["impl"] for r in records} >= {"torchst_s3", "torchst_s3_save", "save_local+upload_boto3"}
+    assert all("patched" in r["server"] and r["min_s"] <= r["median_s"] <= r["max_s"] for r in records)
