@@ -158,3 +158,22 @@ def test_the_save_bar_counts_every_byte_of_the_step(tmp_path: Path, monkeypatch:
     save, restore = bars
     assert save == {"total": size, "desc": "Saving step 7", "enabled": True, "done": size}
     assert restore["desc"] == "Restoring step 7" and restore["total"] == size and restore["done"] == size
+
+
+@pytest.mark.parametrize("what", ["file", "directory"])
+def test_symbolic_links_inside_a_step_are_refused(tmp_path: Path, what: str) -> None:
+    mgr = saved(tmp_path / "run")
+    model_dir = tmp_path / "run" / "step_1" / "model"
+    outside = tmp_path / "outside"
+    os.rename(model_dir, outside)  # identical bytes, but reached through a link
+    if what == "file":
+        model_dir.mkdir()
+        os.symlink(outside / "model.safetensors", model_dir / "model.safetensors")
+    else:
+        os.symlink(outside, model_dir)
+    with pytest.raises(CheckpointError) as info:
+        mgr.restore({"model": torch.nn.Linear(3, 2)})
+    assert str(info.value) == (
+        f"{model_dir / 'model.safetensors'}: is (or lies under) a symbolic link; checkpoint steps hold regular "
+        "files only, so it is not read. Copy the run directory with its links resolved (cp -rL)"
+    )

@@ -99,8 +99,10 @@ class CheckpointManager:
     policy such as ``KeepLast(2)`` or ``KeepEvery(1000) | KeepBest(3, "val_loss")`` and then
     replaces the default; ``keep_last=N`` passed explicitly next to it adds ``KeepLast(N)``
     (a step survives if any policy keeps it; the newest always survives).  ``KeepBest`` ranks
-    the ``metrics`` given to ``save()``: metrics lacking its metric are refused there.  ``async_save`` makes ``save()`` return after a host snapshot.
-    A writer holds ``directory/.lock``; ``read_only=True`` only lists and restores, lock-free.
+    the ``metrics`` given to ``save()``: metrics lacking its metric are refused there.
+    ``async_save`` makes ``save()`` return after a host snapshot.  A writer holds
+    ``directory/.lock``; ``read_only=True`` only lists and restores, lock-free, and reads one
+    whole copy of a step even while a writer re-saves it.
     ``progress=True`` shows bars for saves and restores (None: the ``TORCHST_PROGRESS``
     environment variable decides; each call may override it).
 

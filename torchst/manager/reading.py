@@ -33,7 +33,7 @@ __all__ = ["ATTEMPTS", "OpenStep", "describe_read_error", "open_step"]
 ATTEMPTS = 8
 _BACKOFF_S = 0.01
 _O_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
-_O_FILE = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+_O_FILE = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
 
 _READ_HINTS = {
     errno.ENOENT: "the file is gone (deleted by hand, or the step was removed while being read)",
@@ -120,6 +120,38 @@ def _safe_rel(base: str, rel: object) -> str:
     return rel
 
 
+def _has_link(base: str, parts: list[str]) -> bool:
+    return any(os.path.islink(os.path.join(base, *parts[: i + 1])) for i in range(len(parts)))
+
+
+def _open_in(dfd: int, rel: str, base: str) -> int:
+    """Open ``rel`` below the step directory ``dfd`` without following symbolic links.
+
+    torchst writes regular files only; a link inside a step (to a file outside it, say) is
+    refused rather than read.
+    """
+    parts = rel.split("/")
+    fd = dfd
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, _O_DIR | getattr(os, "O_NOFOLLOW", 0), dir_fd=fd)
+            if fd != dfd:
+                os.close(fd)
+            fd = nxt
+        return os.open(parts[-1], _O_FILE, dir_fd=fd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR) and _has_link(base, parts):
+            raise CheckpointError(
+                f"{os.path.join(base, rel)}: is (or lies under) a symbolic link; checkpoint steps hold regular "
+                "files only, so it is not read. Copy the run directory with its links resolved (cp -rL)"
+            ) from None
+        e.filename = rel
+        raise
+    finally:
+        if fd != dfd:
+            os.close(fd)
+
+
 def _open_once(directory: str, step: int) -> OpenStep:
     path = step_location(directory, step)
     if path is None:
@@ -135,12 +167,12 @@ def _open_once(directory: str, step: int) -> OpenStep:
     fds: dict[str, int] = {}
     try:
         try:
-            with os.fdopen(os.open(MANIFEST, _O_FILE, dir_fd=dfd), "rb") as f:
+            with os.fdopen(_open_in(dfd, MANIFEST, path), "rb") as f:
                 raw = f.read()
             manifest = parse_manifest(raw, os.path.join(path, MANIFEST), step)
             for rel, entry in manifest["files"].items():
                 _safe_rel(path, rel)
-                fds[rel] = os.open(rel, _O_FILE, dir_fd=dfd)
+                fds[rel] = _open_in(dfd, rel, path)
                 size = os.fstat(fds[rel]).st_size
                 if not isinstance(entry, dict) or size != entry.get("size"):
                     want = entry.get("size") if isinstance(entry, dict) else entry
