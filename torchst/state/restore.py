@@ -82,7 +82,10 @@ class _Restore:
             assert isinstance(node, dict)
             saved = self.dec.decode(node["$optimizer"], path)
             where = f"{self.dec.where}: {format_path(path)}"
-            sd = prepare_named_optimizer_state(target, saved, self.dec.names, where=where)
+            try:
+                sd = prepare_named_optimizer_state(target, saved, self.dec.names, where=where)
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}. Nothing was restored: every object is unchanged") from None
             return lambda: (target.load_state_dict(sd), target)[1]
         if isinstance(target, torch.Generator):
             if tag != "$generator":
