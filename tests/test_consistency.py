@@ -378,3 +378,42 @@ def test_header_only_resolve_gives_up_on_a_writer_that_never_pauses(
     monkeypatch.setattr(anchor.time, "sleep", lambda s: None)
     with pytest.raises(CheckpointChangedError, match="changed 10 times"):
         tr.resolve(tmp_path)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        for i in range(N):
+            self.register_buffer(f"t{i}", torch.zeros(64))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_load_model_reads_one_snapshot_and_releases_its_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save(tmp_path, 0, 4)
+    net = _Net()
+    torchst.load_model(net, tmp_path)
+    before = _open_fds()
+    with after_index_read(half_save(tmp_path, 1, 4, monkeypatch)):
+        torchst.load_model(net, tmp_path)
+    assert generations(net.state_dict()) == {1.0}
+    wrong = _Net()
+    wrong.t0 = torch.zeros(3)
+    with pytest.raises(CheckpointError, match="size mismatch"):
+        torchst.load_model(wrong, tmp_path)  # fails after opening, before reading
+    assert _open_fds() == before
+
+
+def test_load_model_follows_trusted_roots(tmp_path: Path) -> None:
+    save(tmp_path / "ckpt", 3, 2)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shard = tmp_path / "ckpt" / "model-00001-of-00002.safetensors"
+    os.replace(shard, outside / "s.safetensors")
+    os.symlink(outside / "s.safetensors", shard)
+    with pytest.raises(ShardIndexError, match="symbolic link"):
+        torchst.load_model(_Net(), tmp_path / "ckpt")
+    net = _Net()
+    torchst.load_model(net, tmp_path / "ckpt", trusted_roots=[outside])
+    assert generations(net.state_dict()) == {3.0}

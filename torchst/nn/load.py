@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -92,6 +92,7 @@ def load_model(
     backend: str | None = None,
     progress: bool | None = None,
     verify: bool = False,
+    trusted_roots: Iterable[PathLike] | None = None,
 ) -> LoadResult:
     """Load a file, directory or index into ``model`` through ``model.load_state_dict``.
 
@@ -104,6 +105,9 @@ def load_model(
     checkpoint lacks and that are left on meta are named in a warning.  ``progress=True`` (or
     ``TORCHST_PROGRESS=1``) shows a bar.  ``verify=True`` checks every tensor against its recorded
     checksum before the model is touched (``IntegrityError`` names file, tensor and byte range).
+    The weights come from one committed checkpoint even while a writer re-saves it, and
+    ``trusted_roots`` lists directories the checkpoint's symlinks may lead into (see
+    ``torchst.sharding.open_checkpoint``).
 
     >>> with torchst.init_empty_weights():
     ...     net = MyNet()
@@ -117,15 +121,18 @@ def load_model(
     if backend is not None:
         check_backend(backend)
     dev = check_device(device)
-    ckpt = open_checkpoint(path_or_directory)
-    target = _Target.of(model)
-    meta = any(t.is_meta for t in target.named.values())
-    assign = device_map is not None or meta or dtype is not None
-    prefixes = _prefix_map(model, device_map, max_memory, dtype)
-    plan = _plan(model, ckpt, target, dev, prefixes, dtype, assign, meta, backend)
-    _check_shapes(ckpt, plan, target)
-    with progress_bar(total=plan.nbytes, desc="Loading weights", enabled=progress) as bar:
-        state = ckpt.read(plan, on_bytes=bar.update, verify=verify)
+    ckpt = open_checkpoint(path_or_directory, trusted_roots=trusted_roots)
+    try:  # the descriptors are needed until the read; mapped tensors keep their own mappings
+        target = _Target.of(model)
+        meta = any(t.is_meta for t in target.named.values())
+        assign = device_map is not None or meta or dtype is not None
+        prefixes = _prefix_map(model, device_map, max_memory, dtype)
+        plan = _plan(model, ckpt, target, dev, prefixes, dtype, assign, meta, backend)
+        _check_shapes(ckpt, plan, target)
+        with progress_bar(total=plan.nbytes, desc="Loading weights", enabled=progress) as bar:
+            state = ckpt.read(plan, on_bytes=bar.update, verify=verify)
+    finally:
+        ckpt.close()
     tied_to = target.tied_to
     if assign:
         for alias, kept in ckpt.aliases.items():
