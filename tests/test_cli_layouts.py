@@ -90,6 +90,11 @@ def test_inspect_step_labels_weights_and_state(tmp_path: Path, capsys: pytest.Ca
     assert "== model (model weights): model/model.safetensors" in out
     assert "== state (training state): state.safetensors" in out
     assert "0.weight" in out and "optim/state/" in out
+    assert main(["inspect", str(run)]) == 0  # a run: one summary line per part
+    out = capsys.readouterr().out
+    assert "step_15/model (model weights): 4 tensors" in out and "0.weight" not in out
+    assert main(["inspect", str(run), "--tensors"]) == 0
+    assert "== step_20/model (model weights): step_20/model/model.safetensors" in capsys.readouterr().out
     assert main(["inspect", str(run), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["kind"] == "run" and doc["steps"] == [15, 20]

@@ -109,6 +109,9 @@ def test_progress_bar_on_a_terminal_and_not_with_quiet(files: dict[str, Path]) -
     assert code == 0 and "Comparing" in text and "identical" in text
     code, text = _under_pty(["inspect", str(files["sharded"])])
     assert code == 0 and "Reading headers" in text and "20 tensors" in text
+    out = files["a"].parent / "converted"
+    code, text = _under_pty(["convert", str(files["sharded"]), str(out), "--max-shard-size", "300"])
+    assert code == 0 and "Saving" in text and "%|" in text and "converted 20 tensors" in text
     code, text = _under_pty(["inspect", str(files["sharded"]), "-q"])
     assert code == 0 and "%|" not in text and "20 tensors" in text
 
