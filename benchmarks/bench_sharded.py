@@ -24,6 +24,13 @@ removed afterwards.  Loads run each round in a fresh interpreter (imports are no
 - ``load_meta_warm/cold`` torchst.load_model into a meta-initialised model vs transformers
                           from_pretrained; peak RSS of the torchst load <= model size + 256 MiB
 
+On virtual machines whose balloon device reports free pages to the host (virtio-balloon
+``VIRTIO_BALLOON_F_REPORTING``), memory the guest freed more than ~2 s earlier has been handed
+back, and the next save faults every page-cache page it allocates in from the host: any writer
+(torchst and huggingface_hub alike) then takes 3-10x longer.  A save that starts right after
+another one reuses the pages the previous round freed; which side of that delay a save lands on
+is what made single measurements bimodal.  Rounds here follow each other without pauses.
+
 ``--quick`` shrinks the models, runs every job once in one worker and skips transformers
 (a smoke test of the script, not numbers).
 """

@@ -28,6 +28,7 @@ from .errors import (
     TensorNotFoundError,
     TorchstError,
     UnsupportedDtypeError,
+    WriteError,
 )
 
 if TYPE_CHECKING:
@@ -97,6 +98,7 @@ __all__ = [
     "TensorNotFoundError",
     "TorchstError",
     "UnsupportedDtypeError",
+    "WriteError",
     "__version__",
     "errors",
     "init_empty_weights",
