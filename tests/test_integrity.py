@@ -364,3 +364,98 @@ def test_checksum_metadata_builds_the_same_header_as_the_writer(tmp_path: Path) 
     assert len(placeholder) == len(final)  # the header can be overwritten in place
     raw = path.read_bytes()
     assert raw[: 8 + len(final)] == encode_prefix(final) + final
+
+
+# -- training checkpoints ----------------------------------------------------------------
+
+
+def _run(tmp_path: Path, steps: tuple[int, ...] = (1, 2, 3)) -> tuple[Path, dict[int, dict[str, torch.Tensor]]]:
+    directory = tmp_path / "run"
+    saved: dict[int, dict[str, torch.Tensor]] = {}
+    with torchst.CheckpointManager(directory, keep_last=None) as mgr:
+        for s in steps:
+            torch.manual_seed(s)
+            model = nn.Linear(32, 32)
+            mgr.save(s, {"model": model, "step": s})
+            saved[s] = {k: v.clone() for k, v in model.state_dict().items()}
+    return directory, saved
+
+
+def _model_file(directory: Path, step: int) -> Path:
+    files = [p for p in (directory / f"step_{step}").rglob("*.safetensors") if "weight" in p.read_bytes()[:4096].decode("latin-1")]
+    assert files, step
+    return files[0]
+
+
+def test_manager_steps_record_checksums_and_verify(tmp_path: Path) -> None:
+    directory, _ = _run(tmp_path)
+    mgr = torchst.CheckpointManager(directory, read_only=True)
+    for s in mgr.steps():
+        report = mgr.verify(s)
+        assert report.ok and report.files and not report.unchecked, s
+    off = tmp_path / "off"
+    with torchst.CheckpointManager(off, checksums=False) as m:
+        m.save(1, {"model": nn.Linear(2, 2)})
+        assert m.verify(1).ok and m.verify(1).unchecked
+
+
+def test_corrupted_newest_step_never_restores_silently(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    directory, saved = _run(tmp_path)
+    path = _model_file(directory, 3)
+    start, end = where(path, "weight")
+    flip(path, start + 5)
+    mgr = torchst.CheckpointManager(directory, read_only=True)
+    model = nn.Linear(32, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(IntegrityError) as e:
+        mgr.restore({"model": model})
+    msg = str(e.value)
+    assert "step 3" in msg and str(path) in msg and "'weight'" in msg and "fallback=True" in msg
+    assert e.value.tensor == "weight" and e.value.byte_range == (start, end)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # nothing was loaded
+    mgr.restore({"model": model}, verify=False)  # the caller asked for no check: loads the bad bytes
+    assert not torch.equal(model.weight, saved[3]["weight"])
+    with caplog.at_level(logging.WARNING, logger="torchst"):
+        assert mgr.restore({"model": model}, fallback=True) == 2
+    assert torch.equal(model.weight, saved[2]["weight"])
+    assert any("step 3" in r.getMessage() and "restored step 2" in r.getMessage() for r in caplog.records)
+    report = mgr.verify(3)
+    assert not report.ok and [p.tensor for p in report.problems] == ["weight"]  # type: ignore[attr-defined]
+    assert mgr.verify(2).ok
+    # an explicit step is checked too; fallback looks only at steps below it
+    with pytest.raises(IntegrityError, match="step 3"):
+        mgr.restore({"model": model}, step=3)
+    assert mgr.restore({"model": model}, step=2, fallback=True) == 2
+
+
+def test_truncated_and_swapped_step_files_are_caught(tmp_path: Path) -> None:
+    directory, _ = _run(tmp_path)
+    mgr = torchst.CheckpointManager(directory, read_only=True)
+    path3 = _model_file(directory, 3)
+    os.truncate(path3, path3.stat().st_size - 1)
+    with pytest.raises(torchst.CheckpointError, match=str(path3.parent.parent.name)):
+        mgr.restore({"model": nn.Linear(32, 32)})
+    assert not mgr.verify(3).ok and "bytes but the manifest says" in str(mgr.verify(3).problems[0])
+    assert mgr.restore({"model": nn.Linear(32, 32)}, fallback=True) == 2
+    # two files of equal size swapped between steps: same names and shapes, other bytes
+    path1, path2 = _model_file(directory, 1), _model_file(directory, 2)
+    assert path1.stat().st_size == path2.stat().st_size
+    a, b = path1.read_bytes(), path2.read_bytes()
+    path1.write_bytes(b)
+    path2.write_bytes(a)
+    with pytest.raises(IntegrityError, match="does not belong to step 2") as e:
+        mgr.restore({"model": nn.Linear(32, 32)}, step=2)
+    assert e.value.path == str(path2) and "step 2" in str(e.value)
+    for s in (1, 2):
+        problems = mgr.verify(s).problems
+        assert len(problems) == 1 and "does not belong" in str(problems[0]), s
+    with pytest.raises(torchst.CheckpointError, match="no intact step"):
+        mgr.restore({"model": nn.Linear(32, 32)}, fallback=True)
+
+
+def test_restore_of_a_step_without_checksums_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with torchst.CheckpointManager(tmp_path / "r", checksums=False) as mgr:
+        mgr.save(1, {"model": nn.Linear(2, 2)})
+        with caplog.at_level(logging.WARNING, logger="torchst"):
+            assert mgr.restore({"model": nn.Linear(2, 2)}) == 1
+    assert len([r for r in caplog.records if "nothing could be checked" in r.getMessage()]) == 1

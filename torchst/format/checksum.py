@@ -30,7 +30,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import FormatError, IntegrityError
 from ..storage.buffers import anon_buffer, io_pool, pread_into
@@ -56,6 +56,7 @@ __all__ = [
     "warn_unverified",
 ]
 
+T = TypeVar("T")
 CHECKSUM_KEY = "torchst.checksums"
 ALGORITHM = "crc32c"
 logger = logging.getLogger(__name__)
@@ -75,6 +76,22 @@ def _crc_impl() -> Callable[..., int]:
             ) from None
         _crc_fn = fn
     return _crc_fn
+
+
+def submit(fn: Callable[..., T], *args: Any) -> Future[T]:
+    """Run ``fn(*args)`` on the I/O pool, or right here once the interpreter is shutting down.
+
+    A non-daemon thread finishing a save at exit may not schedule new pool work.
+    """
+    try:
+        return io_pool().submit(fn, *args)
+    except RuntimeError:
+        fut: Future[T] = Future()
+        try:
+            fut.set_result(fn(*args))
+        except Exception as e:  # noqa: BLE001 - delivered through the future, like a pool task
+            fut.set_exception(e)
+        return fut
 
 
 def crc32c(data: Any, value: int = 0) -> int:
@@ -349,7 +366,7 @@ def check_tensors(verifier: Verifier, items: Iterable[tuple[TensorInfo, Any]]) -
     if len(groups) == 1 or (os.cpu_count() or 1) < 2:
         results = [_crc_group(g) for g in groups]
     else:
-        futures = [io_pool().submit(_crc_group, g) for g in groups]
+        futures = [submit(_crc_group, g) for g in groups]
         results = [f.result() for f in futures]
     for group, crcs in zip(groups, results):
         for (info, _), got in zip(group, crcs):
@@ -405,7 +422,7 @@ VERIFY_CHUNK = 16 << 20
 def verify_file(
     path: str | os.PathLike[str],
     *,
-    on_bytes: Callable[[int], None] | None = None,
+    on_bytes: Callable[[int], object] | None = None,
     chunk_bytes: int = VERIFY_CHUNK,
 ) -> FileReport:
     """Read a whole .safetensors file once and check every recorded checksum.
@@ -452,7 +469,7 @@ def _scan(
     header: Header,
     verifier: Verifier,
     source: str,
-    on_bytes: Callable[[int], None] | None,
+    on_bytes: Callable[[int], object] | None,
     chunk_bytes: int,
     infos: Sequence[TensorInfo] | None = None,
 ) -> list[FormatError]:
@@ -481,7 +498,7 @@ def _scan(
     def read(k: int, pos: int, n: int) -> None:
         pread_into(fd, bufs[k][:n], start + pos, source=source)
 
-    pending: Future[None] | None = io_pool().submit(read, 0, *reads[0]) if reads else None
+    pending: Future[None] | None = submit(read, 0, *reads[0]) if reads else None
     try:
         for j, (pos, n) in enumerate(reads):
             k = j % 2
@@ -492,7 +509,7 @@ def _scan(
                 pending = None
                 problems.append(e)
                 return problems
-            pending = io_pool().submit(read, 1 - k, *reads[j + 1]) if j + 1 < len(reads) else None
+            pending = submit(read, 1 - k, *reads[j + 1]) if j + 1 < len(reads) else None
             view, hi = bufs[k], pos + n
             while i < len(infos):
                 info = infos[i]

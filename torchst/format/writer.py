@@ -19,9 +19,9 @@ import torch
 from .._dtypes import DType, from_torch
 from ..errors import SerializationError, SharedTensorError
 from ..storage.atomic import OutputFile, open_output
-from ..storage.buffers import io_pool, pwrite_all, tensor_bytes, write_all, writev_all
+from ..storage.buffers import pwrite_all, tensor_bytes, write_all, writev_all
 from ..storage.remote import is_url
-from .checksum import CHECKSUM_KEY, checksum_metadata, crc32c
+from .checksum import CHECKSUM_KEY, checksum_metadata, crc32c, submit
 from .header import METADATA_KEY, build_header, encode_prefix
 
 __all__ = [
@@ -230,7 +230,7 @@ def write_tensors(
         if batch:
             if hashing:
                 # The CRC library releases the GIL: another core hashes this batch while it is written.
-                pending.append((list(batch_index), io_pool().submit(_crc_views, list(batch))))
+                pending.append((list(batch_index), submit(_crc_views, list(batch))))
             sink.writev(batch)
             report(batch_bytes)
             batch.clear()
@@ -304,7 +304,7 @@ def _hash_ahead(plan: WritePlan, staging_bytes: int) -> list[int]:
             if t.numel() == 0:
                 continue
             if t.device.type == "cpu":
-                futures.append((i, io_pool().submit(_crc_views, [tensor_bytes(t)])))
+                futures.append((i, submit(_crc_views, [tensor_bytes(t)])))
                 continue
             if staging is None:
                 staging = _staging(plan, t, staging_bytes)

@@ -18,7 +18,8 @@ import torch
 
 from .._progress import progress as progress_bar
 from .._progress import progress_enabled
-from ..errors import CheckpointError, CheckpointNotFoundError, SerializationError
+from ..errors import CheckpointChangedError, CheckpointError, CheckpointNotFoundError, FormatError, SerializationError
+from ..format.checksum import warn_unverified
 from ..format.reader import check_device
 from ..format.writer import WritePlan
 from ..state import decode_state, encode_state, restore_state
@@ -29,6 +30,7 @@ from .lock import DirectoryLock
 from .reading import OpenStep, open_step
 from .retention import DEFAULT_KEEP_LAST, RetentionPolicy, StepInfo, check_metrics, resolve_retention
 from .snapshot import HostArena
+from .verify import StepReport, damaged, is_damage, verify_step
 from .writer import describe_os_error, plan_files, write_step
 
 __all__ = ["CheckpointManager"]
@@ -104,7 +106,9 @@ class CheckpointManager:
     ``directory/.lock``; ``read_only=True`` only lists and restores, lock-free, and reads one
     whole copy of a step even while a writer re-saves it.
     ``progress=True`` shows bars for saves and restores (None: the ``TORCHST_PROGRESS``
-    environment variable decides; each call may override it).
+    environment variable decides; each call may override it).  Every step file records its
+    tensors' CRC32C (``checksums=False`` turns that off); ``restore`` verifies them, and
+    ``verify(step)`` checks a step without loading it.
 
     ``restore`` checks every key, shape and dtype before it writes anything: on a mismatch it
     raises ``CheckpointError`` and every object is left as it was.  Close the manager (or use
@@ -127,8 +131,10 @@ class CheckpointManager:
         save_rng: bool = True,
         read_only: bool = False,
         progress: bool | None = None,
+        checksums: bool = True,
     ) -> None:
         self.directory = os.path.abspath(os.fspath(directory))
+        self.checksums = checksums
         self.retention = resolve_retention(keep_last, keep, keep_last_given=keep_last is not _DEFAULT_KEEP_LAST)
         self.async_save = async_save
         self.save_rng = save_rng
@@ -220,9 +226,9 @@ class CheckpointManager:
                     name,
                 )
         enc = encode_state(state, rng=self.save_rng)
-        plans = plan_files(enc.files)  # bad dtypes, meta tensors... are raised here, not in the background
+        plans = plan_files(enc.files, checksums=self.checksums)  # bad dtypes, meta tensors... raise here
         if self.async_save:
-            plans = plan_files(self._arena.snapshot(enc.files))
+            plans = plan_files(self._arena.snapshot(enc.files), checksums=self.checksums)
         job = _Job(enc.tree, plans, self._progress(progress))
         if not self.async_save:
             self._write(step, job, metrics_tree, dict(metrics or {}))
@@ -332,6 +338,8 @@ class CheckpointManager:
         restore_rng: bool = True,
         device: str | torch.device | None = None,
         progress: bool | None = None,
+        verify: bool = True,
+        fallback: bool = False,
     ) -> int:
         """Load ``step`` (default: the latest committed) into ``state`` in place; return the step.
 
@@ -343,13 +351,75 @@ class CheckpointManager:
         is read whole even while a writer re-saves it.  ``progress=True`` (or
         ``TORCHST_PROGRESS=1``) shows a bar.
 
+        ``verify`` (on by default) checks every tensor against its recorded checksum: a damaged
+        step (corrupted bytes, a truncated or missing file, a broken manifest) raises an error
+        naming the step, file and tensor, and nothing is loaded.  ``fallback=True`` restores the
+        newest intact step at or below ``step`` instead and logs a warning naming each step skipped.
+
         >>> start = mgr.restore({"model": model, "optim": opt, "sched": sched}) + 1
+        >>> start = mgr.restore({"model": model}, fallback=True) + 1   # skip a corrupted newest step
         """
         if not isinstance(state, MutableMapping):
             raise TypeError(f"restore() takes the dict of objects to load into, found {type(state).__name__}")
         if device is not None:
             device = check_device(device)  # a device that does not exist fails here, before any read
-        with self._open(step) as opened, self._bar(opened, progress, "Restoring") as read:
+        if not fallback:
+            return self._restore(state, step, restore_rng, device, progress, verify)
+        if self._lock is not None:
+            self.wait()
+        candidates = [s for s in reversed(self.steps()) if step is None or s <= step]
+        if not candidates:
+            return self._restore(state, step, restore_rng, device, progress, verify)  # raises not found
+        skipped: list[str] = []
+        for i, s in enumerate(candidates):
+            try:
+                restored = self._restore(state, s, restore_rng, device, progress, verify)
+            except (CheckpointError, FormatError) as e:
+                if not is_damage(e):
+                    raise
+                if i + 1 == len(candidates):
+                    raise CheckpointError(
+                        f"{self.directory}: no intact step to restore: steps {candidates} are all damaged; "
+                        f"the oldest: {e}"
+                    ) from e
+                skipped.append(f"step {s} ({type(e).__name__}: {getattr(e, 'tensor', None) or e})")
+                continue
+            if skipped:
+                logger.warning("%s: restored step %d after skipping damaged steps: %s", self.directory, restored,
+                               "; ".join(skipped))  # fmt: skip
+            return restored
+        raise AssertionError("unreachable")
+
+    def _restore(
+        self,
+        state: MutableMapping[str, Any],
+        step: int | None,
+        restore_rng: bool,
+        device: torch.device | None,
+        progress: bool | None,
+        verify: bool,
+    ) -> int:
+        try:
+            opened = self._open(step)
+        except (CheckpointNotFoundError, CheckpointChangedError):
+            raise
+        except (CheckpointError, FormatError) as e:
+            marked = damaged(self.directory, step, e)
+            if marked is e:
+                raise
+            raise marked from e
+        with opened, self._bar(opened, progress, "Restoring") as plain_read:
+            opened.verify = verify
+
+            def read(rel: str) -> tuple[Mapping[str, torch.Tensor], Mapping[str, str]]:
+                try:
+                    return plain_read(rel)
+                except (CheckpointError, FormatError) as e:  # the bytes on disk, not the caller's objects
+                    marked = damaged(self.directory, opened.step, e)
+                    if marked is e:
+                        raise
+                    raise marked from e
+
             try:
                 restore_state(
                     state,
@@ -362,7 +432,28 @@ class CheckpointManager:
                 )
             except RecursionError:
                 raise CheckpointError(f"{opened.path}: the state tree nests too deeply to restore") from None
+            warn_unverified(opened.unverified)
             return opened.step
+
+    def verify(self, step: int | None = None, *, progress: bool | None = None) -> StepReport:
+        """Read every file of ``step`` (default: the latest) once and check every recorded checksum.
+
+        Returns a report instead of raising, so every damaged tensor is listed (``problems``:
+        errors naming file, tensor and byte range); ``ok`` is True when all checksums match.
+
+        >>> report = mgr.verify(100)
+        >>> if not report.ok:
+        ...     print(*report.problems, sep="\n")
+        """
+        if self._lock is not None:
+            self.wait()
+        target = self.latest_step() if step is None else step
+        if target is None:
+            raise CheckpointNotFoundError(f"{self.directory}: no committed checkpoint to verify")
+        manifest = self._manifest(target)
+        total = sum(int(e.get("size", 0)) for e in manifest["files"].values() if isinstance(e, dict))
+        with progress_bar(total=total, desc=f"Verifying step {target}", enabled=self._progress(progress)) as bar:
+            return verify_step(self.directory, target, on_bytes=bar.update)
 
     def read(self, step: int | None = None, *, progress: bool | None = None) -> dict[str, Any]:
         """The saved state of ``step`` as plain values (modules and optimizers as state dicts).

@@ -23,10 +23,14 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointChangedError, CheckpointError, CheckpointNotFoundError
+from ..errors import CheckpointChangedError, CheckpointError, CheckpointNotFoundError, IntegrityError
+from ..format.checksum import Verifier, check_tensors, crc32c
+from ..format.header import read_header_length
 from ..format.reader import SafeFile
 from ..state import STATE_FILE
+from ..storage.buffers import tensor_bytes
 from .layout import MANIFEST, committed_steps, parse_manifest, step_location
+from .writer import HEADER_CRC_KEY
 
 __all__ = ["ATTEMPTS", "OpenStep", "describe_read_error", "open_step"]
 
@@ -71,6 +75,13 @@ class OpenStep:
         self.manifest = manifest
         self._fds = fds
         self._cache: dict[str, tuple[Mapping[str, torch.Tensor], Mapping[str, str]]] = {}
+        self.verify = False  # check every tensor read against its file's recorded checksum
+        self.unverified: list[str] = []  # files read with verify on that record no checksums
+
+    @property
+    def fds(self) -> Mapping[str, int]:
+        """The descriptor held for each file the manifest lists."""
+        return self._fds
 
     @property
     def nbytes(self) -> int:
@@ -89,8 +100,17 @@ class OpenStep:
         backend = "pread" if rel == STATE_FILE else "mmap"
         path = os.path.join(self.path, rel)
         try:
+            if self.verify:
+                check_binding(fd, self.manifest["files"][rel], path, self.step)
             with SafeFile(path, backend=backend, fd=fd) as f:
-                self._cache[rel] = (f.get_tensors(), f.metadata() or {})
+                tensors = f.get_tensors()
+                if self.verify:
+                    verifier = Verifier(f.header, source=path)
+                    if not verifier.active:
+                        self.unverified.append(path)
+                    infos = f.header.tensors
+                    check_tensors(verifier, [(infos[n], tensor_bytes(t)) for n, t in tensors.items()])
+                self._cache[rel] = (tensors, f.metadata() or {})
         except OSError as e:
             raise CheckpointError(f"{path}: cannot read checkpoint file: {describe_read_error(e)}") from e
         return self._cache[rel]
@@ -106,6 +126,28 @@ class OpenStep:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_binding(fd: int, entry: Mapping[str, Any], path: str, step: int) -> None:
+    """Raise IntegrityError unless the file's header is the one the manifest recorded for it.
+
+    Each file checks its own tensors; this binds the file to the step, so a whole file swapped
+    in from another step or run (consistent in itself) is caught.  Entries without the key
+    (saved with checksums off) check nothing.
+    """
+    expected = entry.get(HEADER_CRC_KEY)
+    if not isinstance(expected, str):
+        return
+    size = os.fstat(fd).st_size
+    n = read_header_length(os.pread(fd, 8, 0), source=path, file_size=size)
+    got = crc32c(os.pread(fd, 8 + n, 0))
+    if f"{got:08x}" != expected:
+        raise IntegrityError(
+            f"{path}: the file does not belong to step {step}: its header checksum is {got:08x} but the manifest "
+            f"records {expected} (a file copied or swapped in from another step or run?)",
+            path=path,
+            byte_range=(0, 8 + n),
+        )
 
 
 def _safe_rel(base: str, rel: object) -> str:

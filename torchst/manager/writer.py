@@ -8,27 +8,35 @@ import time
 from collections.abc import Callable, Mapping
 
 from ..errors import CheckpointError
+from ..format.checksum import crc32c
 from ..format.writer import WritePlan, plan_write, write_tensors
 from ..state import FileSpec
 from ..state.tree import Json
 from ..storage.atomic import describe_os_error, fsync_dir, open_output
 from .layout import FORMAT, MANIFEST, VERSION, commit, new_temp_dir, write_json
 
-__all__ = ["describe_os_error", "plan_files", "write_step"]
+__all__ = ["HEADER_CRC_KEY", "describe_os_error", "plan_files", "write_step"]
+
+HEADER_CRC_KEY = "header_crc32c"  # manifest file entry: CRC32C of the file's header bytes (prefix included)
 
 
-def plan_files(files: Mapping[str, FileSpec]) -> dict[str, WritePlan]:
+def plan_files(files: Mapping[str, FileSpec], *, checksums: bool = True) -> dict[str, WritePlan]:
     """Validate and lay out every file of a step (raises SerializationError before any I/O)."""
-    return {rel: plan_write(spec.tensors, spec.metadata) for rel, spec in files.items()}
+    return {rel: plan_write(spec.tensors, spec.metadata, checksums=checksums) for rel, spec in files.items()}
 
 
-def _write_file(path: str, plan: WritePlan, on_bytes: Callable[[int], object] | None = None) -> int:
+def _write_file(path: str, plan: WritePlan, on_bytes: Callable[[int], object] | None = None) -> dict[str, Json]:
     # Durable before the step commits; writeback overlaps the page-cache copy with the disk write,
     # and the durable pages are dropped so a multi-GB checkpoint does not push the training
     # process's working set out of memory.
     with open_output(path, size=plan.total_size, fsync=True, replace=False, writeback=True, drop_cache=True) as f:
-        write_tensors(f, plan, on_bytes=on_bytes)
-    return plan.total_size
+        crcs = write_tensors(f, plan, on_bytes=on_bytes)
+    entry: dict[str, Json] = {"size": plan.total_size}
+    if crcs is not None:
+        # The header holds every tensor's checksum: its own checksum in the manifest binds the
+        # file to this step, so a file swapped in from another step (or run) is caught too.
+        entry[HEADER_CRC_KEY] = f"{crc32c(plan.final_header(crcs)):08x}"
+    return entry
 
 
 def write_step(
@@ -58,7 +66,7 @@ def write_step(
             if parent != temp and parent not in subdirs:
                 os.makedirs(parent)
                 subdirs.add(parent)
-            sizes[rel] = {"size": _write_file(path, plan, on_bytes)}
+            sizes[rel] = _write_file(path, plan, on_bytes)
         for sub in subdirs:
             fsync_dir(sub)
         manifest: dict[str, Json] = {
