@@ -13,7 +13,7 @@ file (metadata values must be strings)::
   metadata entries, each tensor's name, dtype, shape and offsets), so a flipped dtype
   (``I32`` -> ``F32`` has the same size) or metadata byte is caught too.
 
-Every value has a fixed width, so a writer can lay the header out with zero placeholders,
+Nothing here imports torch until data is read (header-only tools stay fast).  Every value has a fixed width, so a writer can lay the header out with zero placeholders,
 hash each tensor as its bytes stream to the file, and then overwrite the header in place with
 the final values: the same length, one pass over the data, no extra copy.
 
@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..errors import FormatError, IntegrityError
-from ..storage.buffers import anon_buffer, io_pool, pread_into
 from .header import Header, TensorInfo, parse_header, read_header_length
 
 __all__ = [
@@ -83,6 +82,8 @@ def submit(fn: Callable[..., T], *args: Any) -> Future[T]:
 
     A non-daemon thread finishing a save at exit may not schedule new pool work.
     """
+    from ..storage.buffers import io_pool  # imports torch: only when there is work to do
+
     try:
         return io_pool().submit(fn, *args)
     except RuntimeError:
@@ -474,6 +475,8 @@ def _scan(
     infos: Sequence[TensorInfo] | None = None,
 ) -> list[FormatError]:
     """Read the bytes of ``infos`` (default: every tensor; in offset order) and check each one."""
+    from ..storage.buffers import anon_buffer, pread_into
+
     infos = list(header.tensors.values()) if infos is None else infos
     problems: list[FormatError] = []
     start = header.data_start
