@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -417,7 +418,7 @@ class FileReport:
         return not self.problems
 
 
-VERIFY_CHUNK = 16 << 20
+VERIFY_CHUNK = 8 << 20
 
 
 def verify_file(
@@ -465,6 +466,18 @@ def _raw_metadata_hint(fd: int, size: int) -> str:
         return ""
 
 
+_local = threading.local()
+
+
+def _buffers(nbytes: int, make: Callable[[int], memoryview]) -> tuple[memoryview, memoryview]:
+    # Two read buffers per thread, kept between files: fresh ones would page-fault on first
+    # touch for every file checked (a cost a plain read with one reused buffer does not pay).
+    have: tuple[memoryview, memoryview] | None = getattr(_local, "bufs", None)
+    if have is None or len(have[0]) < nbytes:
+        have = _local.bufs = (make(nbytes), make(nbytes))
+    return have
+
+
 def _scan(
     fd: int,
     header: Header,
@@ -489,7 +502,7 @@ def _scan(
             runs.append([info.begin, info.end])
     chunk = max(1, min(chunk_bytes, max((hi - lo for lo, hi in runs), default=1)))
     reads = [(off, min(chunk, hi - off)) for lo, hi in runs for off in range(lo, hi, chunk)]
-    bufs = (anon_buffer(chunk), anon_buffer(chunk)) if reads else ()
+    bufs = _buffers(chunk, anon_buffer) if reads else ()
     i, crc = 0, 0
 
     def finish(info: TensorInfo, got: int) -> None:
