@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import MIB, emit  # noqa: E402
+from _common import MIB, emit
 
-import torchst  # noqa: E402
-from torchst.format.checksum import verify_file  # noqa: E402
+import torchst
+from torchst.format.checksum import verify_file
 
 SAVE_TARGET = 1.10  # checksummed save time / plain save time
 VERIFY_TARGET = 0.8  # verify throughput / plain read throughput

@@ -459,3 +459,54 @@ def test_restore_of_a_step_without_checksums_says_so(tmp_path: Path, caplog: pyt
         with caplog.at_level(logging.WARNING, logger="torchst"):
             assert mgr.restore({"model": nn.Linear(2, 2)}) == 1
     assert len([r for r in caplog.records if "nothing could be checked" in r.getMessage()]) == 1
+
+
+# -- the command line --------------------------------------------------------------------
+
+
+def test_cli_verify_lists_each_corrupted_tensor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from torchst.cli import main
+
+    directory, _ = sharded(tmp_path)
+    assert main(["verify", str(directory)]) == 0
+    out = capsys.readouterr().out
+    assert "every checksum matches" in out
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    names = ("layer.1.weight", "layer.3.weight")
+    bad = [directory / index["weight_map"][n] for n in names]
+    for shard, name in zip(bad, names):
+        flip(shard, where(shard, name)[0])
+    assert main(["verify", str(directory)]) == 1
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("CORRUPT")]
+    assert len(lines) == 2 and "'layer.1.weight'" in lines[0] and "'layer.3.weight'" in lines[1]
+    assert main(["verify", str(directory), "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    problems = doc["checks"][0]["problems"]
+    assert [p["tensor"] for p in problems] == ["layer.1.weight", "layer.3.weight"]
+    assert problems[0]["path"] == str(bad[0]) and len(problems[0]["byte_range"]) == 2
+    plain = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file({"x": torch.ones(3)}, plain)
+    assert main(["verify", str(plain)]) == 0
+    assert "no checksums recorded" in capsys.readouterr().out
+
+
+def test_cli_verify_run_directory_checks_every_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from torchst.cli import main
+
+    directory, _ = _run(tmp_path)
+    assert main(["verify", str(directory)]) == 0
+    assert "3 of 3 committed step(s) OK" in capsys.readouterr().out
+    path = _model_file(directory, 2)
+    flip(path, where(path, "bias")[0])
+    assert main(["verify", str(directory)]) == 1
+    out = capsys.readouterr().out
+    assert "step_2: CORRUPT" in out and "'bias'" in out and "damaged: [2]" in out
+    assert main(["verify", str(directory / "step_2")]) == 1  # one step directory
+    assert main(["verify", str(directory / "step_3")]) == 0
+    capsys.readouterr()
+    # inspect says whether checksums are there
+    assert main(["inspect", str(directory / "step_3")]) == 0
+    assert "crc32c checksums in every file" in capsys.readouterr().out
+    torchst.save_file({"x": torch.ones(2)}, tmp_path / "p.safetensors")
+    assert main(["inspect", str(tmp_path / "p.safetensors")]) == 0
+    assert "no checksums" in capsys.readouterr().out

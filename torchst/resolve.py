@@ -33,6 +33,7 @@ from typing import Any, Literal, NamedTuple
 from ._aliases import ALIASES_KEY, aliases_from_metadata
 from ._progress import progress as _progress
 from .errors import CheckpointError, CheckpointNotFoundError, FormatError, ShardIndexError, TorchstError
+from .format.checksum import CHECKSUM_KEY
 from .format.header import Header, TensorInfo, parse_header, read_header_length
 from .manager.layout import MANIFEST, committed_steps, parse_manifest, step_location
 from .sharding.anchor import OPEN_ATTEMPTS, HeldAnchor, backoff, changed_error
@@ -330,9 +331,9 @@ def _part(plan: _Plan, headers: dict[str, Header]) -> Part:
 
 
 def user_metadata(md: dict[str, str]) -> dict[str, str]:
-    """A file's metadata without the alias record (what the user wrote)."""
+    """A file's metadata without the alias and checksum records (what the user wrote)."""
     recorded = aliases_from_metadata(md)
-    return {k: v for k, v in md.items() if k != ALIASES_KEY and recorded.get(k) != v}
+    return {k: v for k, v in md.items() if k not in (ALIASES_KEY, CHECKSUM_KEY) and recorded.get(k) != v}
 
 
 def _read_parts(plans: list[_Plan], progress: bool | None) -> Iterator[Part]:

@@ -7,6 +7,7 @@ import json
 from collections import Counter
 from typing import Any
 
+from ..format.checksum import CHECKSUM_KEY
 from ..resolve import Layout, Part, resolve, user_metadata
 from ._common import add_path, emit_json, human, numel, part_title, rel, show_progress
 
@@ -56,14 +57,19 @@ def part_doc(layout: Layout, part: Part) -> dict[str, Any]:
         "dtypes": dict(sorted(Counter(i.dtype for i in infos).items())),
         "metadata": metadata,
         "aliases": part.aliases,
+        "checksums": sum(CHECKSUM_KEY in md for md in part.metadata.values()),
     }
 
 
 def _summary(doc: dict[str, Any]) -> str:
     dtypes = ", ".join(f"{k} x{v}" for k, v in doc["dtypes"].items())
+    n, sums = len(doc["files"]), doc["checksums"]
+    checks = "no checksums"
+    if sums:
+        checks = "crc32c checksums " + ("in every file" if sums == n else f"in {sums} of {n} file(s)")
     return (
         f"{len(doc['tensors']):,} tensors, {doc['parameters']:,} parameters, {human(doc['total_bytes'])} "
-        f"in {len(doc['files'])} file(s); dtypes: {dtypes or 'none'}"
+        f"in {n} file(s); dtypes: {dtypes or 'none'}; {checks}"
     )
 
 

@@ -1,10 +1,16 @@
-"""``torchst verify PATH [--full]``: validate every header, index and manifest; ``--full`` reads every byte."""
+"""``torchst verify PATH [--full]``: validate every header, index and manifest, check every recorded checksum.
+
+Files that record per-tensor checksums are read whole and every tensor is checked (one line per
+corrupted tensor); ``--full`` also reads the files that record none (finds I/O errors).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, NamedTuple
+import re
+from collections.abc import Iterable
+from typing import Any
 
 from .._progress import progress
 from ..errors import CheckpointNotFoundError, TorchstError
@@ -18,49 +24,31 @@ def register(sub: Any, common: argparse.ArgumentParser, epilog: str) -> None:
     p = sub.add_parser(
         "verify",
         parents=[common],
-        help="validate headers, shard index and manifests; --full also reads every byte (exit 1 if corrupt)",
+        help="validate headers, shard index and manifests and check every recorded checksum (exit 1 if corrupt)",
         description="Check that a checkpoint is whole: every header valid, every shard the index names present "
-        "and holding its tensors, every file a manager step lists present with its recorded size. A run "
-        "directory checks each committed step and reports each one. Exit 1 when anything is damaged.",
+        "and holding its tensors, every file a manager step lists present with its recorded size, and every "
+        "tensor matching the CRC32C checksum recorded when it was saved (files that record checksums are read "
+        "whole). A run directory checks each committed step and reports each one. Exit 1 when anything is "
+        "damaged, with one line per corrupted tensor.",
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_path(p, "path", "what to verify")
-    p.add_argument("--full", action="store_true", help="also read every tensor byte from disk (finds I/O errors)")
+    p.add_argument(
+        "--full", action="store_true", help="also read files that record no checksums (finds I/O errors)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout instead of text")
     p.set_defaults(run=run)
 
 
-class FullCheck(NamedTuple):
-    """What ``--full`` found: bytes read, files whose checksums were checked, corruption found."""
-
-    bytes_read: int
-    checksummed: int
-    problems: list[str]
-
-
-def read_all(layout: Layout, enabled: bool) -> FullCheck:
-    """Read every byte of ``layout``, checking the per-tensor checksums of files that record them."""
-    from ..format.checksum import verify_file  # imports torch; only --full gets here
-
-    files = {f: os.path.getsize(f) for f in layout.files}
-    view = memoryview(bytearray(_CHUNK))
-    done, checksummed, problems = 0, 0, []
+def read_all(paths: Iterable[str], enabled: bool) -> int:
+    """Read every byte of ``paths`` (the I/O check of ``--full``); returns the bytes read."""
+    files = {f: os.path.getsize(f) for f in paths}
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    done = 0
     with progress(total=sum(files.values()), desc="Reading", enabled=enabled) as bar:
         for path, size in files.items():
-            seen = [0]
-
-            def counted(n: int, seen: list[int] = seen) -> None:
-                seen[0] += n
-                bar.update(n)
-
-            report = verify_file(path, on_bytes=counted)  # reads the file only if it records checksums
-            if report.has_checksums:
-                checksummed += 1
-                problems += [str(e) for e in report.problems]
-                done += size
-                bar.update(max(0, size - seen[0]))  # the header
-                continue
             got = 0
             with open(path, "rb", buffering=0) as f:
                 while n := f.readinto(view):
@@ -69,24 +57,59 @@ def read_all(layout: Layout, enabled: bool) -> FullCheck:
             if got != size:  # the file changed while we read it
                 raise OSError(f"{path}: read {got:,} bytes, expected {size:,}; is something writing it?")
             done += got
-    return FullCheck(done, checksummed, problems)
+    return done
 
 
-def _check(make: Any, full: bool, enabled: bool) -> dict[str, Any]:
+def checksums(layout: Layout, enabled: bool, step: tuple[str, int] | None) -> tuple[dict[str, Any], list[Any]]:
+    """Check every recorded checksum of ``layout`` (``step``: run directory and step, to bind files to it)."""
+    from ..format.checksum import verify_file
+
+    total = sum(os.path.getsize(f) for f in layout.files)
+    with progress(total=total, desc="Verifying", enabled=enabled) as bar:
+        if step is not None:
+            from ..manager.verify import verify_step
+
+            report = verify_step(step[0], step[1], on_bytes=bar.update)
+            files, problems = list(report.files), report.problems
+        else:
+            files = [verify_file(f, on_bytes=bar.update) for f in layout.files]
+            problems = [p for f in files for p in f.problems]
+    checked = [f for f in files if f.has_checksums]
+    summary = {
+        "files": len(files),
+        "with_checksums": len(checked),
+        "without": [f.path for f in files if not f.has_checksums],
+        "bytes_checked": sum(f.nbytes for f in checked),
+    }
+    return summary, problems
+
+
+def _problem(e: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {"error": type(e).__name__, "message": str(e)}
+    for key in ("path", "tensor", "byte_range"):
+        if getattr(e, key, None) is not None:
+            doc[key] = list(getattr(e, key)) if key == "byte_range" else getattr(e, key)
+    return doc
+
+
+def _check(make: Any, full: bool, enabled: bool, step: tuple[str, int] | None = None) -> dict[str, Any]:
     try:
         layout = make()
-        found = read_all(layout, enabled) if full else FullCheck(0, 0, [])
+        sums, problems = checksums(layout, enabled, step)
+        read = read_all(sums["without"], enabled) if full else 0
     except CheckpointNotFoundError:
         raise
     except TorchstError as e:
         return {"ok": False, "error": type(e).__name__, "message": str(e)}
-    if found.problems:
+    if problems:
         return {
             "ok": False,
-            "error": "IntegrityError",
-            "message": "; ".join(found.problems),
-            "problems": found.problems,
+            "error": type(problems[0]).__name__,
+            "message": f"{len(problems)} problem(s) found by the checksums",
+            "problems": [_problem(p) for p in problems],
+            "checksums": sums,
         }
+    tensors = sum(len(p.tensors) for p in layout.parts)
     unindexed = {f: list(names) for p in layout.parts for f, names in p.unindexed.items()}
     if unindexed:
         count = sum(map(len, unindexed.values()))
@@ -100,10 +123,10 @@ def _check(make: Any, full: bool, enabled: bool) -> dict[str, Any]:
         }
     return {
         "ok": True,
-        "tensors": sum(len(p.tensors) for p in layout.parts),
+        "tensors": tensors,
         "files": len(layout.files),
-        "bytes_read": found.bytes_read,
-        "checksummed_files": found.checksummed,
+        "bytes_read": read + sums["bytes_checked"],
+        "checksums": sums,
         "layout": layout,
     }
 
@@ -114,18 +137,36 @@ def _debris(path: str) -> list[Any]:
     return find_debris(path) if os.path.isdir(path) else []
 
 
+def _sums_text(sums: dict[str, Any]) -> str:
+    n, with_sums = sums["files"], sums["with_checksums"]
+    if n and with_sums == n:
+        return "every checksum matches"
+    if with_sums:
+        return f"checksums match in {with_sums} of {n} file(s); {n - with_sums} record none (headers only)"
+    return "no checksums recorded (headers only; --full reads every byte)"
+
+
+def _step_of(path: str) -> tuple[str, int] | None:
+    """(run directory, step) when ``path`` is a committed step directory ``step_<n>``."""
+    m = re.match(r"^step_(\d+)$", os.path.basename(os.path.normpath(path)))
+    if m and os.path.exists(os.path.join(path, "manifest.json")):
+        return os.path.dirname(os.path.normpath(path)) or ".", int(m.group(1))
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     bars = show_progress(args)
     path = args.path
-    what = "headers, index and manifests validated" + (", every byte read" if args.full else "")
+    what = "headers, index and manifests validated"
     results: dict[int | None, dict[str, Any]]
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "manifest.json")) and committed_steps(path):
         results = {
-            s: _check(lambda s=s: step_layout(path, s, progress=bars), args.full, bars) for s in committed_steps(path)
+            s: _check(lambda s=s: step_layout(path, s, progress=bars), args.full, bars, (path, s))
+            for s in committed_steps(path)
         }
         kind = "run"
     else:
-        results = {None: _check(lambda: resolve(path, progress=bars), args.full, bars)}
+        results = {None: _check(lambda: resolve(path, progress=bars), args.full, bars, _step_of(path))}
         kind = results[None]["layout"].kind if results[None]["ok"] else "unknown"
     ok = all(r["ok"] for r in results.values())
     debris = _debris(path)  # leftovers of interrupted saves: worth knowing, not damage
@@ -142,11 +183,12 @@ def run(args: argparse.Namespace) -> int:
     for step, r in results.items():
         where = f"step_{step}: " if step is not None else ""
         if r["ok"]:
-            read = ""
-            if args.full:
-                sums = f", checksums verified in {r['checksummed_files']} of {r['files']} file(s)"
-                read = f" ({human(r['bytes_read'])} read{sums if r['checksummed_files'] else ''})"
-            print(f"{where}OK: {r['tensors']:,} tensors in {r['files']} file(s), {what}{read}")
+            read = f" ({human(r['bytes_read'])} read)" if r["bytes_read"] else ""
+            sums = _sums_text(r["checksums"])
+            print(f"{where}OK: {r['tensors']:,} tensors in {r['files']} file(s), {what}, {sums}{read}")
+        elif "problems" in r:
+            for problem in r["problems"]:
+                print(f"{where}CORRUPT: {problem['message']}")
         else:
             print(f"{where}CORRUPT: {r['message']}")
     if debris:

@@ -23,14 +23,13 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointChangedError, CheckpointError, CheckpointNotFoundError, IntegrityError
-from ..format.checksum import Verifier, check_tensors, crc32c
-from ..format.header import read_header_length
+from ..errors import CheckpointChangedError, CheckpointError, CheckpointNotFoundError
+from ..format.checksum import Verifier, check_tensors
 from ..format.reader import SafeFile
 from ..state import STATE_FILE
 from ..storage.buffers import tensor_bytes
 from .layout import MANIFEST, committed_steps, parse_manifest, step_location
-from .writer import HEADER_CRC_KEY
+from .verify import check_binding
 
 __all__ = ["ATTEMPTS", "OpenStep", "describe_read_error", "open_step"]
 
@@ -126,28 +125,6 @@ class OpenStep:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def check_binding(fd: int, entry: Mapping[str, Any], path: str, step: int) -> None:
-    """Raise IntegrityError unless the file's header is the one the manifest recorded for it.
-
-    Each file checks its own tensors; this binds the file to the step, so a whole file swapped
-    in from another step or run (consistent in itself) is caught.  Entries without the key
-    (saved with checksums off) check nothing.
-    """
-    expected = entry.get(HEADER_CRC_KEY)
-    if not isinstance(expected, str):
-        return
-    size = os.fstat(fd).st_size
-    n = read_header_length(os.pread(fd, 8, 0), source=path, file_size=size)
-    got = crc32c(os.pread(fd, 8 + n, 0))
-    if f"{got:08x}" != expected:
-        raise IntegrityError(
-            f"{path}: the file does not belong to step {step}: its header checksum is {got:08x} but the manifest "
-            f"records {expected} (a file copied or swapped in from another step or run?)",
-            path=path,
-            byte_range=(0, 8 + n),
-        )
 
 
 def _safe_rel(base: str, rel: object) -> str:

@@ -1,16 +1,24 @@
-"""Check committed steps against their recorded checksums, and name damaged steps in errors."""
+"""Check committed steps against their recorded checksums, and name damaged steps in errors.
+
+Imports no torch: ``torchst verify`` checks a run directory without it.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
-from ..errors import CheckpointChangedError, CheckpointError, CheckpointNotFoundError, FormatError, IntegrityError
-from ..format.checksum import FileReport, verify_file
-from .reading import check_binding, open_step
+from ..errors import CheckpointError, CheckpointNotFoundError, FormatError, IntegrityError
+from ..format.checksum import FileReport, crc32c, verify_file
+from ..format.header import read_header_length
+from .layout import MANIFEST, committed_steps, parse_manifest, step_location
 
-__all__ = ["StepReport", "damaged", "is_damage", "verify_step"]
+# manifest file entry: CRC32C of the file's header bytes (prefix included); written by writer.py
+HEADER_CRC_KEY = "header_crc32c"
+
+__all__ = ["HEADER_CRC_KEY", "StepReport", "check_binding", "damaged", "is_damage", "verify_step"]
 
 
 @dataclass(frozen=True)
@@ -48,30 +56,73 @@ class StepReport:
 def verify_step(directory: str, step: int, *, on_bytes: Callable[[int], object] | None = None) -> StepReport:
     """Read every file of committed ``step`` once and check every recorded checksum.
 
-    The manifest is checked first (every file present, with the recorded size); a step that
-    cannot be read whole is reported through ``error``.  Raises only when the step does not
-    exist (``CheckpointNotFoundError``).
+    The manifest is checked first (every file present, with the recorded size, and holding the
+    header the manifest recorded for it); a step whose manifest cannot be read is reported
+    through ``error``.  Raises only when the step does not exist (``CheckpointNotFoundError``).
+    Needs no torch.
     """
-    path = os.path.join(directory, f"step_{step}")
-    files: list[FileReport] = []
+    path = step_location(directory, step)
+    if path is None:
+        raise CheckpointNotFoundError(
+            f"{directory}: step {step} is not a committed checkpoint; committed steps: {committed_steps(directory)}"
+        )
+    manifest_path = os.path.join(path, MANIFEST)
     try:
-        with open_step(directory, step) as opened:
-            path = opened.path
-            for rel, entry in opened.manifest["files"].items():
-                file = os.path.join(path, rel)
-                report = verify_file(file, on_bytes=on_bytes)
-                try:
-                    check_binding(opened.fds[rel], entry, file, step)
-                except IntegrityError as e:
-                    report = replace(report, problems=(e, *report.problems))
-                files.append(report)
-    except (CheckpointNotFoundError, CheckpointChangedError):
-        raise
-    except (CheckpointError, FormatError) as e:
-        return StepReport(step, path, tuple(files), e)
+        with open(manifest_path, "rb") as f:
+            manifest = parse_manifest(f.read(), manifest_path, step)
+    except CheckpointError as e:
+        return StepReport(step, path, (), e)
     except OSError as e:
-        return StepReport(step, path, tuple(files), CheckpointError(f"{path}: cannot read step {step}: {e}"))
+        return StepReport(step, path, (), CheckpointError(f"{manifest_path}: cannot read the manifest: {e}"))
+    files: list[FileReport] = []
+    for rel, entry in manifest["files"].items():
+        file = os.path.join(path, rel)
+        if not isinstance(rel, str) or os.path.isabs(rel) or os.path.normpath(rel) != rel or rel.startswith(".."):
+            bad = CheckpointError(f"{path}: manifest lists an invalid file {rel!r}")
+            return StepReport(step, path, tuple(files), bad)
+        try:
+            report = verify_file(file, on_bytes=on_bytes)
+            problems: list[FormatError] = []
+            size = os.path.getsize(file)
+            want = entry.get("size") if isinstance(entry, dict) else None
+            if size != want:
+                msg = f"{file}: {size:,} bytes but the manifest says {want!r}; the step is damaged"
+                problems.append(IntegrityError(msg, path=file))
+            fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                check_binding(fd, entry if isinstance(entry, dict) else {}, file, step)
+            except FormatError as e:
+                problems.append(e)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            return StepReport(step, path, tuple(files), CheckpointError(f"{file}: cannot read: {e}"))
+        if problems:
+            report = replace(report, problems=(*problems, *report.problems))
+        files.append(report)
     return StepReport(step, path, tuple(files))
+
+
+def check_binding(fd: int, entry: Mapping[str, Any], path: str, step: int) -> None:
+    """Raise IntegrityError unless the file's header is the one the manifest recorded for it.
+
+    Each file checks its own tensors; this binds the file to the step, so a whole file swapped
+    in from another step or run (consistent in itself) is caught.  Entries without the key
+    (saved with checksums off) check nothing.
+    """
+    expected = entry.get(HEADER_CRC_KEY)
+    if not isinstance(expected, str):
+        return
+    size = os.fstat(fd).st_size
+    n = read_header_length(os.pread(fd, 8, 0), source=path, file_size=size)
+    got = crc32c(os.pread(fd, 8 + n, 0))
+    if f"{got:08x}" != expected:
+        raise IntegrityError(
+            f"{path}: the file does not belong to step {step}: its header checksum is {got:08x} but the manifest "
+            f"records {expected} (a file copied or swapped in from another step or run?)",
+            path=path,
+            byte_range=(0, 8 + n),
+        )
 
 
 def damaged(directory: str, step: int | None, e: CheckpointError | FormatError) -> CheckpointError | FormatError:

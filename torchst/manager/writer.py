@@ -14,10 +14,9 @@ from ..state import FileSpec
 from ..state.tree import Json
 from ..storage.atomic import describe_os_error, fsync_dir, open_output
 from .layout import FORMAT, MANIFEST, VERSION, commit, new_temp_dir, write_json
+from .verify import HEADER_CRC_KEY
 
-__all__ = ["HEADER_CRC_KEY", "describe_os_error", "plan_files", "write_step"]
-
-HEADER_CRC_KEY = "header_crc32c"  # manifest file entry: CRC32C of the file's header bytes (prefix included)
+__all__ = ["describe_os_error", "plan_files", "write_step"]
 
 
 def plan_files(files: Mapping[str, FileSpec], *, checksums: bool = True) -> dict[str, WritePlan]:

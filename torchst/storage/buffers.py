@@ -12,8 +12,10 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # only annotations: raw I/O (verify, header tools) never imports torch
+    import torch
 
 from ..errors import FileSizeError
 
