@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     for step, r in results.items():
         where = f"step_{step}: " if step is not None else ""
         if r["ok"]:
-            read = f" ({human(r['bytes_read'])} read)" if r["bytes_read"] else ""
+            read = f" ({human(r['bytes_read'])} read)" if args.full else ""
             sums = _sums_text(r["checksums"])
             print(f"{where}OK: {r['tensors']:,} tensors in {r['files']} file(s), {what}, {sums}{read}")
         elif "problems" in r:

@@ -25,7 +25,7 @@ __all__ = ["HEADER_CRC_KEY", "StepReport", "check_binding", "damaged", "is_damag
 class StepReport:
     """What ``verify_step`` found in one step: a report per file, or why the step could not be read.
 
-    >>> report = mgr.verify(100)
+    >>> report = mgr.verify(1000)
     >>> report.ok, [str(p) for p in report.problems]
     (True, [])
     """
