@@ -330,3 +330,33 @@ def test_buffer_computation_is_logged(tmp_path: Path, caplog) -> None:  # type: 
     with caplog.at_level(logging.DEBUG, logger="torchst"):
         torchst.load_model(model, tmp_path / "hf")
     assert any("inv_freq" in r.getMessage() and r.name.startswith("torchst.") for r in caplog.records)
+
+
+# -- in-place loads into a built model ---------------------------------------------------------
+
+
+def test_in_place_load_fills_the_same_parameters(tmp_path: Path) -> None:
+    src = Net()
+    torchst.save_model(src, tmp_path / "ckpt", max_shard_size=300)  # several shards
+    model = Net()
+    params = {n: p for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert torchst.load_model(model, tmp_path / "ckpt") == ([], [])
+    for n, p in model.named_parameters():
+        assert p is params[n] and torch.equal(p, dict(src.named_parameters())[n])
+    assert opt.param_groups[0]["params"][0] is model.embed.weight  # the optimizer still trains the model
+
+
+def test_in_place_load_with_a_hook_that_exchanges_entries(tmp_path: Path) -> None:
+    src = Net()
+    torchst.save_model(src, tmp_path / "m.safetensors")
+    model = Net()
+
+    def swap(module: nn.Module, state: dict, prefix: str, *args: object) -> None:  # type: ignore[type-arg]
+        a, b = prefix + "layers.0.weight", prefix + "layers.1.weight"
+        state[a], state[b] = state[b], state[a]
+
+    model.register_load_state_dict_pre_hook(swap)
+    torchst.load_model(model, tmp_path / "m.safetensors")
+    assert torch.equal(model.layers[0].weight, src.layers[1].weight)
+    assert torch.equal(model.layers[1].weight, src.layers[0].weight)

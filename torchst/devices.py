@@ -211,18 +211,33 @@ def _chunks(req: ReadRequest, out: torch.Tensor, fd: int, chunk_bytes: int) -> I
         yield _Chunk(flat, fd, req.offset + off, n, off // item, req.dtype, req.path)
 
 
+def _read_ahead(fd: int) -> None:
+    # Every byte of the file will be read, mostly in order: tell the kernel, so cold reads of the
+    # next tensors (and shards) are already under way while this one is copied.
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+
+
 class _Files:
     """Open file descriptors, one per path, closed together."""
 
     def __init__(self) -> None:
         self.fds: dict[str, int] = {}
+        self.hinted: set[str] = set()
 
     def fd(self, path: str, held: int | None = None) -> int:
         if held is not None:
-            return held
-        if path not in self.fds:
-            self.fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        return self.fds[path]
+            fd = held
+        elif path in self.fds:
+            return self.fds[path]
+        else:
+            fd = self.fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        if path not in self.hinted:
+            self.hinted.add(path)
+            _read_ahead(fd)
+        return fd
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -237,11 +252,14 @@ def stream_tensors(
     num_buffers: int = NUM_BUFFERS,
     force_staging: bool = False,
     on_bytes: Callable[[int], object] | None = None,
+    into: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read every request into a new tensor on its device; returns ``{name: tensor}`` in request order.
 
     ``force_staging`` sends CPU targets through the host-buffer ring too (tests the accelerator
     path on machines without one).  ``on_bytes(n)`` is called as each piece lands (progress).
+    ``into`` gives existing contiguous tensors (of the request's shape and target dtype) to fill
+    instead of new ones: a model's parameters, read in place with no copy in between.
 
     >>> req = ReadRequest("w", "m.safetensors", 128, 16, torch.float32, (4,), torch.device("cpu"))
     >>> stream_tensors([req])["w"].shape
@@ -256,7 +274,11 @@ def stream_tensors(
     try:
         for req in requests:
             dst_dtype = req.out_dtype or req.dtype
-            t = torch.empty(req.shape, dtype=dst_dtype, device=req.device)
+            t = into.get(req.name) if into is not None else None
+            if t is None:
+                t = torch.empty(req.shape, dtype=dst_dtype, device=req.device)
+            elif t.dtype != dst_dtype or tuple(t.shape) != req.shape or not t.is_contiguous() or t.device != req.device:
+                raise ValueError(f"{req.name!r}: the tensor to read into does not match the request {req}")
             out[req.name] = t
             if req.nbytes == 0 or req.device.type == "meta":
                 continue  # meta tensors have a shape and a dtype but no data to read

@@ -129,8 +129,10 @@ def load_model(
         prefixes = _prefix_map(model, device_map, max_memory, dtype)
         plan = _plan(model, ckpt, target, dev, prefixes, dtype, assign, meta, backend)
         _check_shapes(ckpt, plan, target)
+        # verify: every tensor is checked before the model is touched, so nothing is read in place
+        into = None if assign or verify else _in_place_targets(model, plan, target)
         with progress_bar(total=plan.nbytes, desc="Loading weights", enabled=progress) as bar:
-            state = ckpt.read(plan, on_bytes=bar.update, verify=verify)
+            state = ckpt.read(plan, on_bytes=bar.update, verify=verify, into=into)
     finally:
         ckpt.close()
     tied_to = target.tied_to
@@ -215,6 +217,32 @@ def _plan(
     return ckpt.plan(
         device_map=device_map, dtype=dtype, dtypes=dtypes, backend=backend or ("pread" if assign else "mmap")
     )
+
+
+def _in_place_targets(model: nn.Module, plan: LoadPlan, target: _Target) -> dict[str, torch.Tensor] | None:
+    """Tensors of a built model that the checkpoint can be read straight into (file -> parameter).
+
+    Reading into the model's own memory with positional reads in flight across tensors and shards
+    is one copy instead of two (mapping + ``copy_``) and overlaps cold reads; ``load_state_dict``
+    then sees each tensor being copied onto itself, which torch skips.  Only when no module has a
+    load pre-hook: a hook may rename or exchange entries, which needs the checkpoint's own tensors.
+    """
+    if any(m._load_state_dict_pre_hooks for m in model.modules()):
+        return None
+    into: dict[str, torch.Tensor] = {}
+    for r in plan.reads:
+        t = target.named.get(r.name)
+        if (
+            t is not None
+            and r.dtype is None
+            and t.device.type == "cpu"
+            and r.device.type == "cpu"
+            and t.dtype == r.stored_dtype
+            and tuple(t.shape) == r.shape
+            and t.is_contiguous()
+        ):
+            into[r.name] = t.detach()  # the same memory, written without autograd
+    return into or None
 
 
 def _check_shapes(ckpt: Checkpoint, plan: LoadPlan, target: _Target) -> None:

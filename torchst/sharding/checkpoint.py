@@ -203,18 +203,24 @@ class Checkpoint:
         return self.read(plan, verify=verify)
 
     def read(
-        self, plan: LoadPlan, *, on_bytes: Callable[[int], object] | None = None, verify: bool = False
+        self,
+        plan: LoadPlan,
+        *,
+        on_bytes: Callable[[int], object] | None = None,
+        verify: bool = False,
+        into: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Execute ``plan``: ``{name: tensor}`` in file order, then its aliases (same tensor objects).
 
         ``on_bytes(n)`` is called as bytes arrive (a progress bar's ``update``); ``verify`` checks
-        every tensor read against its file's recorded checksum.
+        every tensor read against its file's recorded checksum; names in ``into`` are read straight
+        into those existing tensors (see ``torchst.devices.stream_tensors``).
         """
         out: dict[str, torch.Tensor] = {}
         by_file: dict[str, list[str]] = {}
         if plan.backend == "mmap":
             for r in plan.reads:
-                if r.zero_copy:
+                if r.zero_copy and (into is None or r.name not in into):
                     by_file.setdefault(r.stored.path, []).append(r.name)
         checks = _Checks(self) if verify else None
         for path, group in by_file.items():
@@ -230,7 +236,7 @@ class Checkpoint:
             # checked from the file first; CPU reads are hashed where they land.
             checks.from_files(self._by_file([r.name for r in rest if r.name not in direct]))
         requests = (r.request(None if r.device.type == "meta" else self._fd(r.stored.path)) for r in rest)
-        out.update(stream_tensors(requests, on_bytes=on_bytes))
+        out.update(stream_tensors(requests, on_bytes=on_bytes, into=into))
         if checks is not None:
             for path, infos in self._by_file([r.name for r in rest if r.name in direct]).items():
                 checks.in_memory(path, [(info, out[info.name]) for info in infos])

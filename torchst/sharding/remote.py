@@ -76,9 +76,14 @@ class RemoteCheckpoint(Checkpoint):
         return RemoteSafeFile(path, device=device)
 
     def read(
-        self, plan: LoadPlan, *, on_bytes: Callable[[int], object] | None = None, verify: bool = False
+        self,
+        plan: LoadPlan,
+        *,
+        on_bytes: Callable[[int], object] | None = None,
+        verify: bool = False,
+        into: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Execute ``plan`` with ranged GETs straight into new tensors; see ``Checkpoint.read``."""
+        """Execute ``plan`` with ranged GETs straight into new tensors (or ``into``'s); see ``Checkpoint.read``."""
         verifiers = {p: Verifier(h, source=p) for p, h in self._headers.items()} if verify else {}
         out: dict[str, torch.Tensor] = {}
         batch: list[PlannedRead] = []
@@ -88,7 +93,9 @@ class RemoteCheckpoint(Checkpoint):
                 out[r.name] = torch.empty(r.shape, dtype=r.dtype or r.stored_dtype, device="meta")
                 continue
             pin = r.device.type == "cuda" and torch.cuda.is_available()
-            out[r.name] = torch.empty(r.shape, dtype=r.stored_dtype, pin_memory=pin)  # fetched straight here
+            given = into.get(r.name) if into is not None and r.zero_copy else None
+            # fetched straight here (a built model's own CPU tensor when ``into`` names it)
+            out[r.name] = given if given is not None else torch.empty(r.shape, dtype=r.stored_dtype, pin_memory=pin)
             batch.append(r)
             if not r.zero_copy:
                 staged += r.stored.info.nbytes
