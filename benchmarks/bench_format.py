@@ -8,6 +8,7 @@ median, min and max of ``--runs`` rounds (default 7), the peak RSS and the ratio
 the baseline measured in the same invocation.  Scenarios (targets from the format-core issue):
 
 - ``lazy_10k``     safe_open + get_tensor of every tensor of a 10,000-tensor file (<= 0.5x safetensors)
+- ``load_file_10k`` load_file of the same 10,000-tensor file (<= 0.5x safetensors.torch.load_file)
 - ``load_touch``   load a ~2 GiB file (256 tensors) and read every byte with ``t.sum()`` (<= 1.0x)
 - ``save``         save the ~2 GiB dict (<= 1.0x, extra peak RSS <= 64 MiB): page-cache regime on
                    tmpfs and on disk (``os.sync()`` before each save), and the disk regime
@@ -47,11 +48,12 @@ from _common import (
 
 SCRIPT = os.path.abspath(__file__)
 GIB = 1 << 30
-SCENARIOS = ("lazy_10k", "load_touch", "save", "read")
+SCENARIOS = ("lazy_10k", "load_file_10k", "load_touch", "save", "read")
 # Targets: (baseline impl, comparison, limit); "time" ratios are impl/baseline seconds,
 # "throughput" ratios are baseline/impl seconds.
 TARGETS: dict[str, tuple[str, str, float]] = {
     "lazy_10k": ("safetensors", "time", 0.5),
+    "load_file_10k": ("safetensors", "time", 0.5),
     "load_touch": ("safetensors", "time", 1.0),
     "save": ("safetensors", "time", 1.0),
     "read": ("readinto", "throughput", 0.9),
@@ -251,7 +253,7 @@ def _plan(
     }
     only = set(args.only.split(",")) if args.only else set(SCENARIOS)
     files = []
-    if "lazy_10k" in only:
+    if "lazy_10k" in only or "load_file_10k" in only:
         files.append({**small, "paths": {"safetensors": f["small_st"], "pt": f["small_pt"]}})
     big_paths = {}
     if "load_touch" in only or "read" in only:
@@ -274,6 +276,16 @@ def _plan(
                     {"impl": "safetensors", "kind": "lazy", "path": f["small_st"]},
                     {"impl": "torchst", "kind": "lazy", "path": f["small_st"]},
                     {"impl": "torch", "kind": "lazy", "path": f["small_pt"]},
+                ],
+            )
+        )
+    if "load_file_10k" in only:
+        groups.append(
+            _group(
+                "load_file_10k",
+                [
+                    {"impl": "safetensors", "kind": "read", "path": f["small_st"]},
+                    {"impl": "torchst", "kind": "read", "path": f["small_st"]},
                 ],
             )
         )

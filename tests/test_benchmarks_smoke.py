@@ -34,6 +34,7 @@ def test_bench_format_quick_prints_one_json_line_per_measurement(tmp_path: Path)
     benches = {r["bench"] for r in records}
     assert benches == {
         "lazy_10k",
+        "load_file_10k",
         "load_touch",
         "save_tmpfs",
         "save_disk",
