@@ -340,3 +340,20 @@ def test_bench_remote_quick_prints_json_lines() -> None:
     records = [json.loads(line) for line in proc.stdout.splitlines()]
     assert {r["impl"] for r in records} >= {"torchst_s3", "torchst_s3_save", "save_local+upload_boto3"}
     assert all("patched" in r["server"] and r["min_s"] <= r["median_s"] <= r["max_s"] for r in records)
+
+
+def test_cli_inspect_of_a_url_reads_only_headers(s3: S3Server, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from torchst.cli import main
+
+    url = "s3://torchst-test/inspect/ckpt"
+    torchst.save_state_dict(
+        {"a": torch.zeros(3 << 20), "b": torch.zeros(3 << 20, dtype=torch.int32)}, url, max_shard_size=13 << 20
+    )
+    s3.stats.reset()
+    assert main(["inspect", url, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["kind"] == "sharded" and doc["tensors"]["b"]["dtype"] == "I32"
+    assert doc["files"] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert s3.stats.get_bytes <= 1_000_000  # two 24 MiB shards: headers (and the index) only

@@ -40,6 +40,7 @@ from .sharding.anchor import OPEN_ATTEMPTS, HeldAnchor, backoff, changed_error
 from .sharding.index import INDEX_SUFFIX, ShardIndex, index_filename, read_index
 from .sharding.links import check_link, trusted_roots_from
 from .sharding.plan import SINGLE_FILE
+from .storage.remote import is_url
 
 __all__ = [
     "Layout",
@@ -357,6 +358,8 @@ def resolve(path: str | os.PathLike[str], *, progress: bool | None = None) -> La
     'step'
     """
     p = os.fspath(path)
+    if is_url(p):
+        return _remote_layout(p)
     if not os.path.exists(p):
         raise CheckpointNotFoundError(f"{p}: no such file or directory")
     if os.path.isdir(p) and os.path.isfile(os.path.join(p, MANIFEST)):
@@ -390,6 +393,17 @@ def resolve(path: str | os.PathLike[str], *, progress: bool | None = None) -> La
                 held.close()
         backoff(attempt)
     raise changed_error(p)
+
+
+def _remote_layout(url: str) -> Layout:
+    """A file or sharded checkpoint at a URL: headers only (one ranged GET per file, in parallel)."""
+    from .sharding.remote import open_remote_checkpoint
+
+    ckpt = open_remote_checkpoint(url)
+    tensors = {n: StoredTensor(t.path, t.data_start, t.info) for n, t in ckpt.tensors.items()}
+    metadata = {f: dict(h.metadata or {}) for f, h in ckpt._headers.items()}
+    part = Part("", "weights", url, ckpt.files, tensors, dict(ckpt.aliases), metadata)
+    return Layout("file" if ckpt.index is None else "sharded", url, (part,))
 
 
 def step_layout(directory: str, step: int, *, progress: bool | None = None) -> Layout:

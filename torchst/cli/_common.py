@@ -36,6 +36,8 @@ def human(n: float) -> str:
 
 
 def base_dir(layout: Layout) -> str:
+    if "://" in layout.path:  # a URL: a prefix unless it names a file
+        return layout.path.rsplit("/", 1)[0] if layout.path.endswith((".safetensors", ".json")) else layout.path
     return layout.path if os.path.isdir(layout.path) else os.path.dirname(layout.path)
 
 
