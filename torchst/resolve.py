@@ -40,7 +40,6 @@ from .sharding.anchor import OPEN_ATTEMPTS, HeldAnchor, backoff, changed_error
 from .sharding.index import INDEX_SUFFIX, ShardIndex, index_filename, read_index
 from .sharding.links import check_link, trusted_roots_from
 from .sharding.plan import SINGLE_FILE
-from .storage.remote import is_url
 
 __all__ = [
     "Layout",
@@ -358,7 +357,7 @@ def resolve(path: str | os.PathLike[str], *, progress: bool | None = None) -> La
     'step'
     """
     p = os.fspath(path)
-    if is_url(p):
+    if _URL.match(p):  # torchst.storage.remote.is_url, without importing torch for local paths
         return _remote_layout(p)
     if not os.path.exists(p):
         raise CheckpointNotFoundError(f"{p}: no such file or directory")
@@ -393,6 +392,9 @@ def resolve(path: str | os.PathLike[str], *, progress: bool | None = None) -> La
                 held.close()
         backoff(attempt)
     raise changed_error(p)
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
 
 def _remote_layout(url: str) -> Layout:
