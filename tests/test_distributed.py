@@ -371,3 +371,88 @@ def test_world_size_one_matches_the_single_process_api(tmp_path: Path) -> None:
             tsd.save_state_dict(sd, tmp_path / "one.safetensors")
     finally:
         dist.destroy_process_group()
+
+
+def _mlp(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
+
+
+def _fsdp_training(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _mlp(seed)
+    fully_shard(model[0])
+    fully_shard(model[2])
+    fully_shard(model)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, i: int) -> None:
+    g = torch.Generator().manual_seed(100 + i)
+    model(torch.randn(4, 6, generator=g)).square().sum().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def scenario_manager(rank: int, world: int, out: str) -> None:
+    import torchst
+
+    model, opt = _fsdp_training(0)
+    for i in range(3):
+        _step(model, opt, i)
+    mgr = torchst.CheckpointManager(os.path.join(out, "run"), process_group=_world())
+    mgr.save(3, {"model": model, "optim": opt, "epoch": 1})
+    # the full values, for the single-process restore checked by the test
+    names = {id(p): n for n, p in model.named_parameters()}
+    ref = {f"param/{n}": _full(p.detach()) for n, p in model.named_parameters()}
+    for p, st in opt.state.items():
+        ref.update({f"optim/{names[id(p)]}/{k}": _full(v) for k, v in st.items()})
+    if rank == 0:
+        torchst.save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(out, "ref.safetensors"))
+
+    fresh, fresh_opt = _fsdp_training(1)
+    state: dict[str, Any] = {"model": fresh, "optim": fresh_opt, "epoch": 0}
+    assert mgr.restore(state) == 3 and state["epoch"] == 1
+    for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(_full(a.detach()), _full(b.detach())), n
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        for k, v in opt.state[p].items():
+            assert torch.equal(_full(v), _full(fresh_opt.state[q][k])), k
+    # training continues identically
+    _step(model, opt, 3)
+    _step(fresh, fresh_opt, 3)
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(_full(a.detach()), _full(b.detach()))
+    mgr.close()
+
+
+def _world() -> Any:
+    import torch.distributed as dist
+
+    return dist.group.WORLD
+
+
+def test_manager_fsdp2_adamw_saved_by_two_ranks_restores_into_two_and_one(tmp_path: Path) -> None:
+    launch(tmp_path, 2, f"{HERE}::scenario_manager", timeout=150).check()
+    ref = torchst.load_file(tmp_path / "ref.safetensors")
+    with torchst.CheckpointManager(tmp_path / "run", read_only=True) as mgr:
+        assert mgr.steps() == [3]
+        model = _mlp(7)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        state: dict[str, Any] = {"model": model, "optim": opt, "epoch": 0}
+        assert mgr.restore(state) == 3 and state["epoch"] == 1
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), ref[f"param/{n}"]), n
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            assert torch.equal(v, ref[f"optim/{names[id(p)]}/{k}"]), (names[id(p)], k)
+    assert len(opt.state) == 4
+    # the module file of the step is an ordinary safetensors file of full tensors
+    weights = torchst.load_file(tmp_path / "run" / "step_3" / "model" / "model.safetensors")
+    assert torch.equal(weights["0.weight"], ref["param/0.weight"])

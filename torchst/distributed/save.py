@@ -39,7 +39,7 @@ from ..storage.buffers import tensor_bytes
 from ._comm import Group
 from ._layout import Box, box_numel, contains, local_box, overlaps, runs, split_box
 
-__all__ = ["save_state_dict"]
+__all__ = ["save_state_dict", "write_file"]
 
 logger = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
@@ -287,6 +287,56 @@ def _commit_directory(directory: str, plan: _Plan, fsync: bool) -> None:
     _cleanup(directory, keep, old)
 
 
+def _prepare(
+    group: Group,
+    state_dict: Mapping[str, torch.Tensor],
+    directory: str,
+    max_shard_size: int | str | None,
+    metadata: Mapping[str, str] | None,
+    tied_keys: TiedKeys | None,
+) -> tuple[_Plan, dict[str, tuple[torch.Tensor, Box]]]:
+    """Describe, exchange and plan (three agreed steps); creates ``directory``."""
+    pieces: dict[str, tuple[torch.Tensor, Box]] = {}
+
+    def describe() -> dict[str, Any]:
+        _file_metadata(metadata, {})  # validate before anything is created
+        os.makedirs(directory, exist_ok=True)
+        record, local = _describe(state_dict, tied_keys)
+        pieces.update(local)
+        if group.rank == 0:
+            record["metadata"] = dict(metadata or {})
+            record["token"] = uuid.uuid4().hex[:12]
+        return record
+
+    record = group.run(describe, "describing the local tensors")
+    records = group.all_gather_json(record, "exchanging tensor metadata")
+    plan = group.run(
+        lambda: _plan(records, max_shard_size, records[0]["metadata"], records[0]["token"], directory), "planning"
+    )
+    return plan, pieces
+
+
+def write_file(
+    state_dict: Mapping[str, torch.Tensor], path: str, group: Group, *, metadata: Mapping[str, str] | None = None
+) -> int:
+    """Collectively write one ``.safetensors`` file of full tensors at ``path``; returns its size.
+
+    For files inside a directory that is committed as a whole later (a training step): the file
+    is written under a temporary name, fsynced, and renamed to ``path`` by rank 0.
+    """
+    directory = os.path.dirname(path)
+    plan, pieces = _prepare(group, state_dict, directory, None, metadata, None)
+    (fn,) = plan.filenames
+    try:
+        group.run(lambda: _write(plan, directory, group.rank, pieces, True), f"writing {path}")
+        tmp = os.path.join(directory, f".tmp-{plan.token}-{fn}")
+        group.run(lambda: os.replace(tmp, path) if group.rank == 0 else None, f"renaming {path}")
+    except BaseException:
+        _remove_temps(directory, plan)
+        raise
+    return len(plan.headers[fn]) + plan.total_size
+
+
 def save_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     directory: PathLike,
@@ -315,32 +365,19 @@ def save_state_dict(
     """
     group = Group(process_group, timeout, "torchst.distributed.save_state_dict")
     path = os.fspath(directory)
-    where = path
 
-    def describe() -> dict[str, Any]:
+    def check() -> None:
         if path.endswith(".safetensors"):
             raise SerializationError(
                 f"{path}: a collective save writes a directory (shards + index); give a directory name"
             )
         if os.path.exists(path) and not os.path.isdir(path):
             raise SerializationError(f"{path} exists and is not a directory")
-        _file_metadata(metadata, {})  # validate before anything is created
-        os.makedirs(path, exist_ok=True)
-        record, pieces = _describe(state_dict, tied_keys)
-        local_pieces.update(pieces)
-        if group.rank == 0:
-            record["metadata"] = dict(metadata or {})
-            record["token"] = uuid.uuid4().hex[:12]
-        return record
 
-    local_pieces: dict[str, tuple[torch.Tensor, Box]] = {}
-    record = group.run(describe, "describing the local tensors")
-    records = group.all_gather_json(record, "exchanging tensor metadata")
-    plan = group.run(
-        lambda: _plan(records, max_shard_size, records[0]["metadata"], records[0]["token"], where), "planning"
-    )
+    group.run(check, "checking the directory")
+    plan, pieces = _prepare(group, state_dict, path, max_shard_size, metadata, tied_keys)
     try:
-        group.run(lambda: _write(plan, path, group.rank, local_pieces, fsync), "writing the shards")
+        group.run(lambda: _write(plan, path, group.rank, pieces, fsync), "writing the shards")
         group.run(lambda: _commit_directory(path, plan, fsync) if group.rank == 0 else None, "committing")
     except BaseException:
         _remove_temps(path, plan)

@@ -109,6 +109,9 @@ class CheckpointManager:
     environment variable decides; each call may override it).  Every step file records its
     tensors' CRC32C (``checksums=False`` turns that off); ``restore`` verifies them, and
     ``verify(step)`` checks a step without loading it.
+    ``process_group=pg`` makes ``save``/``restore`` collective for FSDP2 / tensor-parallel
+    training (every rank calls them; see ``torchst.distributed``): each rank writes its own
+    shards in place, rank 0 commits; restores reshard, and a plain process restores the step too.
 
     ``restore`` checks every key, shape and dtype before it writes anything: on a mismatch it
     raises ``CheckpointError`` and every object is left as it was.  Close the manager (or use
@@ -132,6 +135,7 @@ class CheckpointManager:
         read_only: bool = False,
         progress: bool | None = None,
         checksums: bool = True,
+        process_group: Any | None = None,
     ) -> None:
         self.directory = os.path.abspath(os.fspath(directory))
         self.checksums = checksums
@@ -146,6 +150,13 @@ class CheckpointManager:
         self._error: BaseException | None = None
         self._metrics: dict[int, Mapping[str, Any]] = {}
         self._unranked: set[str] = set()
+        self._group: Any = None
+        if process_group is not None:
+            from ..distributed.training import join_group
+
+            self._group = join_group(process_group, async_save)
+            if self._group.rank != 0:
+                return  # rank 0 owns the directory (lock, cleanup, commit); the others write their shards
         if read_only:
             if not os.path.isdir(self.directory):
                 raise CheckpointNotFoundError(f"{self.directory}: checkpoint directory does not exist")
@@ -204,10 +215,15 @@ class CheckpointManager:
 
         >>> mgr.save(step, {"model": model, "optim": opt}, metrics={"val_loss": loss})
         """
-        if self.read_only or self._lock is None or not self._lock.held:
-            raise CheckpointError(f"{self.directory}: this manager is read-only or closed; it cannot save")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise SerializationError(f"step must be an int >= 0, found {step!r}")
+        if self._group is not None and not self.read_only:
+            from ..distributed.training import save_step  # collective: every rank of the group calls save()
+
+            save_step(self, self._group, step, state, self._encode_metrics(metrics), dict(metrics or {}))
+            return
+        if self.read_only or self._lock is None or not self._lock.held:
+            raise CheckpointError(f"{self.directory}: this manager is read-only or closed; it cannot save")
         self.wait()  # one save in flight: the previous one must be durable before the next starts
         if not os.path.isdir(self.directory):
             raise CheckpointError(
@@ -363,6 +379,10 @@ class CheckpointManager:
             raise TypeError(f"restore() takes the dict of objects to load into, found {type(state).__name__}")
         if device is not None:
             device = check_device(device)  # a device that does not exist fails here, before any read
+        if self._group is not None:
+            from ..distributed.training import restore_step  # collective, resharding
+
+            return restore_step(self, self._group, state, step, device)
         if not fallback:
             return self._restore(state, step, restore_rng, device, progress, verify)
         if self._lock is not None:
