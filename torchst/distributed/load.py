@@ -22,10 +22,10 @@ from ..errors import CheckpointError, SerializationError
 from ..nn import EXTRA_STATE_KEY, LoadResult
 from ..sharding.checkpoint import Checkpoint, open_checkpoint
 from ..storage.buffers import pread_into, tensor_bytes
-from ._comm import Group
 from ._layout import Box, is_dtensor, runs
+from .comm import Group
 
-__all__ = ["load_model", "load_state_dict"]
+__all__ = ["load_model", "load_state_dict", "read_into"]
 
 PathLike = str | os.PathLike[str]
 
@@ -109,6 +109,15 @@ def _read(ckpt: Checkpoint, state_dict: Mapping[str, torch.Tensor], source: Mapp
         if not direct:
             with torch.no_grad():
                 local.copy_(buf)
+
+
+def read_into(ckpt: Checkpoint, targets: Mapping[str, torch.Tensor]) -> None:
+    """Fill ``targets`` (stored name -> DTensor or plain tensor of the stored global shape) from ``ckpt``.
+
+    Each rank reads only its local pieces' byte ranges; no checks beyond the shapes.
+    """
+    _check(ckpt, targets, strict=False)
+    _read(ckpt, targets, {n: n for n in targets})
 
 
 def load_state_dict(

@@ -36,10 +36,10 @@ from ..sharding.io import SaveResult, _cleanup, _commit, _committed_files, _file
 from ..sharding.plan import plan_shards
 from ..storage._hints import delays_allocation, preallocate
 from ..storage.buffers import tensor_bytes
-from ._comm import Group
-from ._layout import Box, box_numel, contains, local_box, overlaps, runs, split_box
+from ._layout import Box, box_numel, contains, is_dtensor, local_box, overlaps, runs, split_box
+from .comm import Group
 
-__all__ = ["save_state_dict", "write_file"]
+__all__ = ["is_dtensor", "save_state_dict", "write_file"]
 
 logger = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]

@@ -152,7 +152,7 @@ class CheckpointManager:
         self._unranked: set[str] = set()
         self._group: Any = None
         if process_group is not None:
-            from ..distributed.training import join_group
+            from .collective import join_group
 
             self._group = join_group(process_group, async_save)
             if self._group.rank != 0:
@@ -218,7 +218,7 @@ class CheckpointManager:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise SerializationError(f"step must be an int >= 0, found {step!r}")
         if self._group is not None and not self.read_only:
-            from ..distributed.training import save_step  # collective: every rank of the group calls save()
+            from .collective import save_step  # collective: every rank of the group calls save()
 
             save_step(self, self._group, step, state, self._encode_metrics(metrics), dict(metrics or {}))
             return
@@ -380,7 +380,7 @@ class CheckpointManager:
         if device is not None:
             device = check_device(device)  # a device that does not exist fails here, before any read
         if self._group is not None:
-            from ..distributed.training import restore_step  # collective, resharding
+            from .collective import restore_step  # collective, resharding
 
             return restore_step(self, self._group, state, step, device)
         if not fallback:

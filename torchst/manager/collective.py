@@ -4,7 +4,7 @@ A step saved by several ranks has the single-process layout (``step_<n>/manifest
 ``model.safetensors`` per module, ``state.safetensors``) with full tensors, so a plain process
 restores it.  Saving: every rank takes the state apart the way the single-process encoder does
 (optimizer state keyed by parameter name), each file is written in place by all ranks (see
-``save.py``), then rank 0 writes the manifest, commits, applies retention.  Restoring: every
+``torchst.distributed``), then rank 0 writes the manifest, commits, applies retention.  Restoring: every
 rank reads only the bytes of its own shards into new DTensors placed like its parameters (or
 full tensors for plain ones), then the single-process restore checks and loads them.
 
@@ -23,20 +23,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..dedup import alias_metadata
+from ..distributed.comm import Group
+from ..distributed.load import read_into
+from ..distributed.save import is_dtensor, write_file
 from ..errors import CheckpointError
-from ..manager.layout import FORMAT, MANIFEST, VERSION, commit, committed_steps, new_temp_dir, write_json
 from ..sharding.checkpoint import open_checkpoint
 from ..state import restore_state
 from ..state.codec import STATE_FILE, FileSpec, _modules, _qualname, _StateEncoder
 from ..state.optim import parameter_names
 from ..state.tree import Json, PathItem, TensorTable
-from ._comm import Group
-from ._layout import is_dtensor
-from .load import _read
-from .save import write_file
+from .layout import FORMAT, MANIFEST, VERSION, commit, committed_steps, new_temp_dir, write_json
 
 if TYPE_CHECKING:
-    from ..manager.manager import CheckpointManager
+    from .manager import CheckpointManager
 
 __all__ = ["join_group", "restore_step", "save_step"]
 
@@ -205,7 +204,7 @@ def restore_step(
                         for name, (_, _, info) in ckpt.tensors.items():
                             dtype = ckpt._torch_dtype(name)
                             out[name] = _empty_like_placed(like.get(name), tuple(info.shape), dtype)
-                        _read(ckpt, out, {n: n for n in out})
+                        read_into(ckpt, out)
                         cache[rel] = (out, {**ckpt.metadata, **alias_metadata(ckpt.aliases)})
                 return cache[rel]
 
