@@ -35,6 +35,7 @@ def full_tensors(world: int) -> dict[str, torch.Tensor]:
         "h.shard2_3d": torch.randn(2, 3, 5, generator=g),
         "i.big_replicated": torch.randn(600, 500, generator=g),
         "j.empty": torch.zeros(0, 3),
+        "k.shard1_tall": torch.randn(300, 4, generator=g),
         "emb.weight": emb,
         "head.weight": emb,
     }
@@ -57,6 +58,7 @@ def _distributed(world: int, rank: int) -> dict[str, torch.Tensor]:
         "h.shard2_3d": [Shard(2)],
         "i.big_replicated": [Replicate()],
         "j.empty": [Shard(0)],
+        "k.shard1_tall": [Shard(1)],  # 300 strided runs per rank: its checksum is read back
         "emb.weight": [Shard(0)],
     }
     sd: dict[str, torch.Tensor] = {}
@@ -96,7 +98,7 @@ def scenario_placements(rank: int, world: int, out: str) -> None:
 
     sd = _distributed(world, rank)
     tsd.save_state_dict(sd, os.path.join(out, "sharded"), max_shard_size=2000, metadata={"run": "x"}, timeout=30)
-    tsd.save_state_dict(sd, os.path.join(out, "single"), timeout=30)
+    tsd.save_state_dict(sd, os.path.join(out, "single"), checksums=False, timeout=30)
 
     # resharding load: everything saved as Shard(0)/Replicate comes back as Shard(1)/Replicate
     targets = _resharded_targets(world)
@@ -158,8 +160,8 @@ def _files(directory: Path) -> dict[str, bytes]:
 def test_two_ranks_write_the_single_process_bytes_and_reshard(tmp_path: Path) -> None:
     launch(tmp_path, 2, f"{HERE}::scenario_placements", timeout=120).check()
     ref_sharded, ref_single = tmp_path / "ref_sharded", tmp_path / "ref_single"
-    # distributed saves do not record checksums yet: compare with the single-process bytes without them
-    torchst.save_state_dict(_reference(2), ref_sharded, max_shard_size=2000, metadata={"run": "x"}, checksums=False)
+    # checksums on (the default of both, combined from the ranks' pieces or read back) and off
+    torchst.save_state_dict(_reference(2), ref_sharded, max_shard_size=2000, metadata={"run": "x"})
     torchst.save_state_dict(_reference(2), ref_single, max_shard_size=None, checksums=False)
     got = _files(tmp_path / "sharded")
     assert len(got) > 3 and "model.safetensors.index.json" in got
@@ -167,7 +169,7 @@ def test_two_ranks_write_the_single_process_bytes_and_reshard(tmp_path: Path) ->
     assert _files(tmp_path / "single") == _files(ref_single)
     # the failed save on one rank left the committed checkpoint (and nothing else) behind
     assert all((tmp_path / f"fault-ok-{r}").exists() for r in range(2))
-    loaded = torchst.load_state_dict(tmp_path / "sharded")
+    loaded = torchst.load_state_dict(tmp_path / "sharded", verify=True)  # the recorded checksums hold
     assert torch.equal(loaded["d.plain"], torch.arange(6))
     assert loaded["head.weight"] is loaded["emb.weight"]
 
@@ -274,7 +276,7 @@ def scenario_reshard_to_two(rank: int, world: int, out: str) -> None:
 def test_four_ranks_on_a_2d_mesh_reshard_to_two_then_one(tmp_path: Path) -> None:
     launch(tmp_path, 4, f"{HERE}::scenario_mesh_2d", timeout=150).check()
     ref = tmp_path / "ref"
-    torchst.save_state_dict(mesh_tensors(), ref, max_shard_size=3000, checksums=False)
+    torchst.save_state_dict(mesh_tensors(), ref, max_shard_size=3000)
     assert _files(tmp_path / "by4") == _files(ref)
     launch(tmp_path, 2, f"{HERE}::scenario_reshard_to_two", timeout=90).check()
     assert _files(tmp_path / "by2") == _files(ref)
@@ -360,7 +362,7 @@ def test_world_size_one_matches_the_single_process_api(tmp_path: Path) -> None:
         sd = {n: distribute_tensor(t, mesh, [Shard(0)]) if t.dim() == 2 else t for n, t in full.items()}
         sd["head.weight"] = sd["emb.weight"]
         tsd.save_state_dict(sd, tmp_path / "tsd", max_shard_size=2000)
-        torchst.save_state_dict(full, tmp_path / "ref", max_shard_size=2000, checksums=False)
+        torchst.save_state_dict(full, tmp_path / "ref", max_shard_size=2000)
         assert _files(tmp_path / "tsd") == _files(tmp_path / "ref")
         # a checkpoint of the single-process API loads into DTensors the same way
         targets = {n: distribute_tensor(torch.zeros_like(t), mesh, [Shard(0)]) if t.dim() == 2 else torch.zeros_like(t)

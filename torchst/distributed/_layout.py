@@ -91,6 +91,20 @@ def split_box(box: Box, parts: int) -> list[Box]:
     return [box]
 
 
+def run_count(global_shape: Sequence[int], box: Box) -> int:
+    """How many runs ``runs`` yields for ``box`` (without producing them)."""
+    sizes = box[1]
+    ndim = len(global_shape)
+    if ndim == 0:
+        return 1
+    if 0 in sizes:
+        return 0
+    k = ndim - 1
+    while k > 0 and sizes[k] == global_shape[k]:
+        k -= 1
+    return math.prod(sizes[:k])
+
+
 def runs(global_shape: Sequence[int], box: Box, itemsize: int) -> Iterator[tuple[int, int, int]]:
     """``(byte offset in the full tensor, byte offset in the box's row-major copy, length)`` runs."""
     offs, sizes = box

@@ -18,6 +18,7 @@ on several hosts need a filesystem they all see (NFS, Lustre, GPFS...), as DCP's
 from __future__ import annotations
 
 import logging
+import math
 import os
 import uuid
 from collections.abc import Mapping
@@ -30,13 +31,14 @@ import torch
 from .._dtypes import DTYPES, from_torch
 from ..dedup import TiedKeys, deduplicate
 from ..errors import SerializationError
+from ..format.checksum import checksum_metadata, combine_pieces, crc32c
 from ..format.header import build_header, encode_prefix
 from ..sharding.index import index_filename
 from ..sharding.io import SaveResult, _cleanup, _commit, _committed_files, _file_metadata, _referenced
 from ..sharding.plan import plan_shards
 from ..storage._hints import delays_allocation, preallocate
-from ..storage.buffers import tensor_bytes
-from ._layout import Box, box_numel, contains, is_dtensor, local_box, overlaps, runs, split_box
+from ..storage.buffers import pread_into, tensor_bytes
+from ._layout import Box, box_numel, contains, is_dtensor, local_box, overlaps, run_count, runs, split_box
 from .comm import Group
 
 __all__ = ["is_dtensor", "save_state_dict", "write_file"]
@@ -45,6 +47,9 @@ logger = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
 # Replicated pieces above this size are split between the ranks that hold them.
 SPLIT_BYTES = 1 << 20
+# Checksums of tensors written in more runs than this are computed by reading them back.
+MAX_PIECES = 256
+READ_BACK_CHUNK = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,13 @@ class _Plan:
     itemsize: dict[str, int]
     aliases: dict[str, str]
     token: str
+    # with checksums: per file, the header entries and the metadata the final record is built from
+    entries: dict[str, list[tuple[str, str, list[int], int]]]
+    user_metadata: dict[str, dict[str, str]]
+    checksums: bool
+
+    def nbytes(self, name: str) -> int:
+        return math.prod(self.shapes[name]) * self.itemsize[name]
 
 
 def _describe(
@@ -163,6 +175,7 @@ def _plan(
     metadata: Mapping[str, str] | None,
     token: str,
     where: str,
+    checksums: bool = False,
 ) -> _Plan:
     order, spec, aliases = _merge(records, where)
     stored = [n for n in order if n not in aliases]
@@ -179,6 +192,8 @@ def _plan(
     headers: dict[str, bytes] = {}
     data_start: dict[str, int] = {}
     file_of: dict[str, str] = {}
+    all_entries: dict[str, list[tuple[str, str, list[int], int]]] = {}
+    user_md: dict[str, dict[str, str]] = {}
     for fn, names in zip(shards.filenames, shards.shards):
         kept = set(names)
         md = _file_metadata(metadata, {a: k for a, k in aliases.items() if k in kept})
@@ -191,7 +206,12 @@ def _plan(
             if row.pack != 1:
                 shape[-1] *= row.pack  # header stores logical values
             entries.append((n, row.code, shape, nbytes(n)))
-        header = build_header(entries, md)
+        if checksums:
+            # zero placeholders of the final width: the header is patched in place at commit
+            header = build_header(entries, checksum_metadata(md, entries))
+            all_entries[fn], user_md[fn] = entries, md
+        else:
+            header = build_header(entries, md)
         headers[fn] = encode_prefix(header) + header
         pos = len(headers[fn])
         for n in ordered:
@@ -204,7 +224,7 @@ def _plan(
         writes.extend(_assign(n, shapes[n], spec[n][2], itemsize[n], load))
     return _Plan(
         shards.filenames, shards.weight_map, shards.total_size, headers, data_start, file_of,
-        tuple(writes), shapes, itemsize, aliases, token,
+        tuple(writes), shapes, itemsize, aliases, token, all_entries, user_md, checksums,
     )  # fmt: skip
 
 
@@ -218,20 +238,36 @@ def _slab(local: torch.Tensor, source: Box, box: Box) -> torch.Tensor:
     return part if part.is_contiguous() else part.contiguous()
 
 
-def _write(plan: _Plan, directory: str, rank: int, pieces: Mapping[str, tuple[torch.Tensor, Box]], fsync: bool) -> None:
+Pieces = dict[str, list[list[int]]]  # tensor name -> [offset in the tensor, length, crc32c]
+
+
+def _combined(plan: _Plan) -> set[str]:
+    """Tensors whose checksum is combined from the writers' pieces; the others are read back."""
+    count: dict[str, int] = {}
+    for w in plan.writes:
+        count[w.name] = count.get(w.name, 0) + run_count(plan.shapes[w.name], w.box)
+    # combining costs a few microseconds of Python per piece: strided layouts with many runs
+    # (a column-sharded matrix: one per row) are hashed by reading the written bytes back once
+    return {n for n, c in count.items() if c <= MAX_PIECES}
+
+
+def _write(
+    plan: _Plan, directory: str, rank: int, pieces: Mapping[str, tuple[torch.Tensor, Box]], fsync: bool
+) -> Pieces:
     mine = [w for w in plan.writes if w.rank == rank]
+    combined = _combined(plan) if plan.checksums else set()
+    crcs: Pieces = {}
     # file creation and headers are spread over the ranks that write; rank 0 when nobody does
     writers = sorted({w.rank for w in plan.writes}) or [0]
     headed = [fn for i, fn in enumerate(plan.filenames) if writers[i % len(writers)] == rank]
     files = set(headed) | {plan.file_of[w.name] for w in mine}
-    files |= {plan.file_of[w.name] for w in mine}
     fds: dict[str, int] = {}
     try:
         for fn in sorted(files):
             path = os.path.join(directory, f".tmp-{plan.token}-{fn}")
             fds[fn] = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
         for fn in headed:
-            size = len(plan.headers[fn]) + sum(_nbytes(plan, n) for n, f in plan.file_of.items() if f == fn)
+            size = len(plan.headers[fn]) + sum(plan.nbytes(n) for n, f in plan.file_of.items() if f == fn)
             # the final length up front (other ranks fill in their bytes); reserving the blocks
             # reports a full disk before any byte is written
             if delays_allocation(fds[fn]):
@@ -243,21 +279,65 @@ def _write(plan: _Plan, directory: str, rank: int, pieces: Mapping[str, tuple[to
             part = _slab(local, w.source, w.box)
             view = tensor_bytes(part)
             fd, base = fds[plan.file_of[w.name]], plan.data_start[w.name]
+            hashed = crcs.setdefault(w.name, []) if w.name in combined else None
             for goff, loff, length in runs(plan.shapes[w.name], w.box, plan.itemsize[w.name]):
                 _pwrite(fd, view[loff : loff + length], base + goff)
+                if hashed is not None:
+                    hashed.append([goff, length, crc32c(view[loff : loff + length])])
         if fsync:
             for fd in fds.values():
                 os.fsync(fd)
     finally:
         for fd in fds.values():
             os.close(fd)
+    return crcs
 
 
-def _nbytes(plan: _Plan, name: str) -> int:
-    k = plan.itemsize[name]
-    for d in plan.shapes[name]:
-        k *= d
-    return k
+def _read_back(plan: _Plan, directory: str, rank: int) -> dict[str, int]:
+    """CRC32C of the strided tensors this rank is assigned, from the bytes every rank wrote."""
+    combined = _combined(plan)
+    load = [0] * (max((w.rank for w in plan.writes), default=0) + 1)
+    out: dict[str, int] = {}
+    names = sorted((n for n in plan.file_of if n not in combined), key=lambda n: (-plan.nbytes(n), n))
+    buf = memoryview(bytearray(min(READ_BACK_CHUNK, max((plan.nbytes(n) for n in names), default=0))))
+    for name in names:
+        owner = min(range(len(load)), key=lambda r: (load[r], r))
+        load[owner] += plan.nbytes(name)
+        if owner != rank:
+            continue
+        path = os.path.join(directory, f".tmp-{plan.token}-{plan.file_of[name]}")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            crc, pos, end = 0, plan.data_start[name], plan.data_start[name] + plan.nbytes(name)
+            while pos < end:
+                k = min(len(buf), end - pos)
+                pread_into(fd, buf[:k], pos, source=path)
+                crc = crc32c(buf[:k], crc)
+                pos += k
+        finally:
+            os.close(fd)
+        out[name] = crc
+    return out
+
+
+def _final_headers(plan: _Plan, gathered: list[dict[str, Any]]) -> dict[str, bytes]:
+    pieces: dict[str, list[tuple[int, int, int]]] = {}
+    crcs: dict[str, int] = {}
+    for rec in gathered:
+        for name, ps in rec["pieces"].items():
+            pieces.setdefault(name, []).extend((a, b, c) for a, b, c in ps)
+        crcs.update(rec["crcs"])
+    out = {}
+    for fn, entries in plan.entries.items():
+        values = []
+        for name, _, _, nbytes in entries:
+            if name not in crcs:
+                crcs[name] = combine_pieces(pieces.get(name, []), nbytes, name=name)
+            values.append(crcs[name])
+        header = build_header(entries, checksum_metadata(plan.user_metadata[fn], entries, values))
+        out[fn] = encode_prefix(header) + header
+        assert len(out[fn]) == len(plan.headers[fn]), "checksum values are fixed-width"
+    return out
 
 
 def _pwrite(fd: int, view: memoryview, offset: int) -> None:
@@ -279,7 +359,15 @@ def _remove_temps(directory: str, plan: _Plan) -> None:
             pass
 
 
-def _commit_directory(directory: str, plan: _Plan, fsync: bool) -> None:
+def _commit_directory(directory: str, plan: _Plan, fsync: bool, headers: Mapping[str, bytes]) -> None:
+    for fn, header in headers.items():  # the checksum record replaces its placeholders, same length
+        fd = os.open(os.path.join(directory, f".tmp-{plan.token}-{fn}"), os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            _pwrite(fd, memoryview(header), 0)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
     old = _committed_files(directory)
     temps = {fn: f".tmp-{plan.token}-{fn}" for fn in plan.filenames}
     _commit(directory, plan.filenames, temps, plan.weight_map, plan.total_size, old, fsync)
@@ -294,6 +382,7 @@ def _prepare(
     max_shard_size: int | str | None,
     metadata: Mapping[str, str] | None,
     tied_keys: TiedKeys | None,
+    checksums: bool = False,
 ) -> tuple[_Plan, dict[str, tuple[torch.Tensor, Box]]]:
     """Describe, exchange and plan (three agreed steps); creates ``directory``."""
     pieces: dict[str, tuple[torch.Tensor, Box]] = {}
@@ -311,7 +400,8 @@ def _prepare(
     record = group.run(describe, "describing the local tensors")
     records = group.all_gather_json(record, "exchanging tensor metadata")
     plan = group.run(
-        lambda: _plan(records, max_shard_size, records[0]["metadata"], records[0]["token"], directory), "planning"
+        lambda: _plan(records, max_shard_size, records[0]["metadata"], records[0]["token"], directory, checksums),
+        "planning",
     )
     return plan, pieces
 
@@ -346,6 +436,7 @@ def save_state_dict(
     metadata: Mapping[str, str] | None = None,
     tied_keys: TiedKeys | None = None,
     fsync: bool = True,
+    checksums: bool = True,
     timeout: timedelta | float | None = None,
 ) -> SaveResult:
     """Collectively save DTensors and plain tensors as one checkpoint of full tensors.
@@ -357,7 +448,8 @@ def save_state_dict(
     Each rank writes its own bytes in place; rank 0 commits once every rank has flushed.  A
     failure on any rank raises ``CheckpointError`` on every rank within ``timeout`` (default 10
     minutes per collective) and leaves the previous checkpoint in ``directory`` loadable.
-    Ranks on several hosts need a shared filesystem.
+    Ranks on several hosts need a shared filesystem.  ``checksums`` (on, as in
+    ``torchst.save_state_dict``) records each tensor's CRC32C, combined from what each rank wrote.
 
     >>> import torchst.distributed as tsd
     >>> tsd.save_state_dict(fsdp_model.state_dict(), "ckpt", max_shard_size="5GB")  # doctest: +SKIP
@@ -375,10 +467,16 @@ def save_state_dict(
             raise SerializationError(f"{path} exists and is not a directory")
 
     group.run(check, "checking the directory")
-    plan, pieces = _prepare(group, state_dict, path, max_shard_size, metadata, tied_keys)
+    plan, pieces = _prepare(group, state_dict, path, max_shard_size, metadata, tied_keys, checksums)
     try:
-        group.run(lambda: _write(plan, path, group.rank, pieces, fsync), "writing the shards")
-        group.run(lambda: _commit_directory(path, plan, fsync) if group.rank == 0 else None, "committing")
+        written = group.run(lambda: _write(plan, path, group.rank, pieces, fsync), "writing the shards")
+        headers: dict[str, bytes] = {}
+        if checksums:
+            mine = group.run(lambda: {"pieces": written, "crcs": _read_back(plan, path, group.rank)}, "checksums")
+            gathered = group.all_gather_json(mine, "exchanging checksums")
+            if group.rank == 0:
+                headers = _final_headers(plan, gathered)
+        group.run(lambda: _commit_directory(path, plan, fsync, headers) if group.rank == 0 else None, "committing")
     except BaseException:
         _remove_temps(path, plan)
         raise
