@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .._dtypes import from_code
 from ..dedup import alias_metadata
 from ..distributed.comm import Group
 from ..distributed.load import read_into
@@ -202,7 +203,7 @@ def restore_step(
                         like = targets.get(rel, {})
                         out = {}
                         for name, (_, _, info) in ckpt.tensors.items():
-                            dtype = ckpt._torch_dtype(name)
+                            dtype = from_code(info.dtype).require_torch(f"{ckpt.source}: tensor {name!r}")
                             out[name] = _empty_like_placed(like.get(name), tuple(info.shape), dtype)
                         read_into(ckpt, out)
                         cache[rel] = (out, {**ckpt.metadata, **alias_metadata(ckpt.aliases)})
