@@ -359,7 +359,7 @@ def _remove_temps(directory: str, plan: _Plan) -> None:
             pass
 
 
-def _commit_directory(directory: str, plan: _Plan, fsync: bool, headers: Mapping[str, bytes]) -> None:
+def _patch_headers(directory: str, plan: _Plan, fsync: bool, headers: Mapping[str, bytes]) -> None:
     for fn, header in headers.items():  # the checksum record replaces its placeholders, same length
         fd = os.open(os.path.join(directory, f".tmp-{plan.token}-{fn}"), os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
         try:
@@ -368,6 +368,10 @@ def _commit_directory(directory: str, plan: _Plan, fsync: bool, headers: Mapping
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _commit_directory(directory: str, plan: _Plan, fsync: bool, headers: Mapping[str, bytes]) -> None:
+    _patch_headers(directory, plan, fsync, headers)
     old = _committed_files(directory)
     temps = {fn: f".tmp-{plan.token}-{fn}" for fn in plan.filenames}
     _commit(directory, plan.filenames, temps, plan.weight_map, plan.total_size, old, fsync)
@@ -406,8 +410,25 @@ def _prepare(
     return plan, pieces
 
 
+def _write_and_hash(
+    group: Group, plan: _Plan, directory: str, pieces: Mapping[str, tuple[torch.Tensor, Box]], fsync: bool
+) -> dict[str, bytes]:
+    """Every rank writes its bytes; with checksums, rank 0 gets the final headers (others: {})."""
+    written = group.run(lambda: _write(plan, directory, group.rank, pieces, fsync), "writing the shards")
+    if not plan.checksums:
+        return {}
+    mine = group.run(lambda: {"pieces": written, "crcs": _read_back(plan, directory, group.rank)}, "checksums")
+    gathered = group.all_gather_json(mine, "exchanging checksums")
+    return _final_headers(plan, gathered) if group.rank == 0 else {}
+
+
 def write_file(
-    state_dict: Mapping[str, torch.Tensor], path: str, group: Group, *, metadata: Mapping[str, str] | None = None
+    state_dict: Mapping[str, torch.Tensor],
+    path: str,
+    group: Group,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    checksums: bool = False,
 ) -> int:
     """Collectively write one ``.safetensors`` file of full tensors at ``path``; returns its size.
 
@@ -415,12 +436,18 @@ def write_file(
     is written under a temporary name, fsynced, and renamed to ``path`` by rank 0.
     """
     directory = os.path.dirname(path)
-    plan, pieces = _prepare(group, state_dict, directory, None, metadata, None)
+    plan, pieces = _prepare(group, state_dict, directory, None, metadata, None, checksums)
     (fn,) = plan.filenames
+    tmp = os.path.join(directory, f".tmp-{plan.token}-{fn}")
+
+    def finish(headers: Mapping[str, bytes]) -> None:
+        if group.rank == 0:
+            _patch_headers(directory, plan, True, headers)
+            os.replace(tmp, path)
+
     try:
-        group.run(lambda: _write(plan, directory, group.rank, pieces, True), f"writing {path}")
-        tmp = os.path.join(directory, f".tmp-{plan.token}-{fn}")
-        group.run(lambda: os.replace(tmp, path) if group.rank == 0 else None, f"renaming {path}")
+        headers = _write_and_hash(group, plan, directory, pieces, True)
+        group.run(lambda: finish(headers), f"renaming {path}")
     except BaseException:
         _remove_temps(directory, plan)
         raise
@@ -469,13 +496,7 @@ def save_state_dict(
     group.run(check, "checking the directory")
     plan, pieces = _prepare(group, state_dict, path, max_shard_size, metadata, tied_keys, checksums)
     try:
-        written = group.run(lambda: _write(plan, path, group.rank, pieces, fsync), "writing the shards")
-        headers: dict[str, bytes] = {}
-        if checksums:
-            mine = group.run(lambda: {"pieces": written, "crcs": _read_back(plan, path, group.rank)}, "checksums")
-            gathered = group.all_gather_json(mine, "exchanging checksums")
-            if group.rank == 0:
-                headers = _final_headers(plan, gathered)
+        headers = _write_and_hash(group, plan, path, pieces, fsync)
         group.run(lambda: _commit_directory(path, plan, fsync, headers) if group.rank == 0 else None, "committing")
     except BaseException:
         _remove_temps(path, plan)

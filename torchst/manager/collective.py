@@ -94,7 +94,8 @@ def save_step(
             path = os.path.join(temp, rel)
             if group.rank == 0:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-            sizes[rel] = {"size": write_file(spec.tensors, path, group, metadata=spec.metadata or None)}
+            size = write_file(spec.tensors, path, group, metadata=spec.metadata or None, checksums=mgr.checksums)
+            sizes[rel] = {"size": size}
 
         def finish() -> None:
             manifest: dict[str, Json] = {
