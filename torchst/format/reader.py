@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import mmap
 import os
 from collections.abc import Iterator
@@ -41,10 +42,12 @@ __all__ = [
     "normalize_device",
     "read_file_header",
     "safe_open",
+    "tensor_from_window",
     "torch_view",
 ]
 
 BACKENDS = ("mmap", "pread", "eager")
+logger = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
 DeviceLike = str | int | torch.device
 
@@ -187,11 +190,15 @@ def torch_view(info: TensorInfo, source: str) -> tuple[torch.dtype, tuple[int, .
     return row.require_torch(where), _torch_shape(info, row, where), row.itemsize
 
 
-def _from_window(buf: memoryview | bytes, info: TensorInfo, base: int, address: int, source: str) -> torch.Tensor:
+def tensor_from_window(buf: memoryview | bytes, info: TensorInfo, base: int, address: int, source: str) -> torch.Tensor:
     """Tensor over ``buf[base+begin : base+end]`` (``address``: where buf starts in memory).
 
     Zero-copy when aligned, else one copy.  The tensor gets a storage of its own over
     exactly its bytes, so nothing looks shared to ``find_shared_tensors`` or the reference.
+
+    >>> blob = torchst.save({"x": torch.ones(2)}); h = torchst.format.parse_bytes(blob)
+    >>> tensor_from_window(blob, h.tensors["x"], h.data_start, 0, "<bytes>")
+    tensor([1., 1.])
     """
     dtype, shape, itemsize = torch_view(info, source)
     if info.nbytes == 0:
@@ -201,6 +208,7 @@ def _from_window(buf: memoryview | bytes, info: TensorInfo, base: int, address: 
         t = torch.frombuffer(buf, dtype=dtype, count=info.nbytes // itemsize, offset=start)
         return t if len(shape) == 1 else t.view(shape)
     # Third-party writers may misalign data; torch kernels need aligned memory (copy #1).
+    logger.debug("%s: tensor %r is not aligned in the file; copied into aligned memory", source, info.name)
     raw = torch.frombuffer(buf, dtype=torch.uint8, count=info.nbytes, offset=start).clone()
     return raw.view(dtype).view(shape)
 
@@ -433,7 +441,7 @@ class SafeFile:
             self._buf = self._map() if self.backend == "mmap" else self._read_all()
             if len(self._buf):
                 self._address = torch.frombuffer(self._buf, dtype=torch.uint8, count=1).data_ptr()
-        return _from_window(self._buf, info, self._base, self._address, self._source)
+        return tensor_from_window(self._buf, info, self._base, self._address, self._source)
 
     def _map(self) -> memoryview:
         fd = self._require_open()

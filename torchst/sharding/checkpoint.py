@@ -45,7 +45,7 @@ from ..errors import (
 )
 from ..format.checksum import CHECKSUM_KEY, Verifier, check_from_file, check_tensors, warn_unverified
 from ..format.header import Header, TensorInfo
-from ..format.reader import DeviceLike, SafeFile, _from_window, read_file_header
+from ..format.reader import DeviceLike, SafeFile, read_file_header, tensor_from_window
 from ..storage.buffers import tensor_bytes
 from ..storage.remote import is_url
 from .anchor import OPEN_ATTEMPTS, backoff, changed_error
@@ -250,7 +250,7 @@ class Checkpoint:
         size = self._handles.sizes[path]
         buf = memoryview(mmap.mmap(self._fd(path), size, access=mmap.ACCESS_COPY))
         address = torch.frombuffer(buf, dtype=torch.uint8, count=1).data_ptr() if size else 0
-        return {n: _from_window(buf, self.tensors[n].info, self.tensors[n].data_start, address, path) for n in names}
+        return {n: tensor_from_window(buf, self.tensors[n].info, self.tensors[n].data_start, address, path) for n in names}
 
     def _by_file(self, names: Collection[str]) -> dict[str, list[TensorInfo]]:
         out: dict[str, list[TensorInfo]] = {}
