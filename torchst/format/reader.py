@@ -196,7 +196,7 @@ def tensor_from_window(buf: memoryview | bytes, info: TensorInfo, base: int, add
     Zero-copy when aligned, else one copy.  The tensor gets a storage of its own over
     exactly its bytes, so nothing looks shared to ``find_shared_tensors`` or the reference.
 
-    >>> blob = torchst.save({"x": torch.ones(2)}); h = torchst.format.parse_bytes(blob)
+    >>> blob = bytearray(torchst.save({"x": torch.ones(2)})); h = torchst.format.parse_bytes(blob)
     >>> tensor_from_window(blob, h.tensors["x"], h.data_start, 0, "<bytes>")
     tensor([1., 1.])
     """
