@@ -63,8 +63,10 @@ def _state(n: int, dim: int, world: int, rank: int, fill: bool) -> dict[str, Any
 def _targets(n: int, dim: int, world: int, placement: str) -> dict[str, Any]:
     import torch
 
+    # zeros, not empty: the targets' pages are touched before the measurement, so the RSS
+    # growth reported is what the load itself allocates
     if world == 1:
-        return {f"layers.{i}.weight": torch.empty(dim, dim) for i in range(n)}
+        return {f"layers.{i}.weight": torch.zeros(dim, dim) for i in range(n)}
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
 
@@ -72,7 +74,7 @@ def _targets(n: int, dim: int, world: int, placement: str) -> dict[str, Any]:
     dim_ = 1 if placement == "shard1" else 0
     shape = (dim, dim // world) if dim_ == 1 else (dim // world, dim)
     return {
-        f"layers.{i}.weight": DTensor.from_local(torch.empty(shape), mesh, [Shard(dim_)], run_check=False)
+        f"layers.{i}.weight": DTensor.from_local(torch.zeros(shape), mesh, [Shard(dim_)], run_check=False)
         for i in range(n)
     }
 
