@@ -510,3 +510,43 @@ def test_cli_verify_run_directory_checks_every_step(tmp_path: Path, capsys: pyte
     torchst.save_file({"x": torch.ones(2)}, tmp_path / "p.safetensors")
     assert main(["inspect", str(tmp_path / "p.safetensors")]) == 0
     assert "no checksums" in capsys.readouterr().out
+
+
+def test_compat_layer_writes_checksums_only_when_asked(tmp_path: Path) -> None:
+    from torchst.compat.safetensors import torch as compat
+
+    t = tensors()
+    compat.save_file(t, tmp_path / "a.safetensors")
+    safetensors.torch.save_file(t, tmp_path / "ref.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    compat.save_file(t, tmp_path / "b.safetensors", checksums=True)
+    assert verify_file(tmp_path / "b.safetensors").has_checksums
+    flip(tmp_path / "b.safetensors", where(tmp_path / "b.safetensors", "a.weight")[0])
+    with pytest.raises(IntegrityError, match="a.weight"):
+        compat.load_file(tmp_path / "b.safetensors", verify=True)
+    model = nn.Linear(3, 3)
+    compat.save_model(model, tmp_path / "m.safetensors", checksums=True)
+    assert verify_file(tmp_path / "m.safetensors").has_checksums
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_bench_integrity_quick_prints_its_lines(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_integrity.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": str(script.parents[1])},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert {(r["bench"], r["impl"]) for r in records} == {
+        ("save_checksums", "checksums"), ("save_checksums", "no_checksums"),
+        ("verify_throughput", "verify"), ("verify_throughput", "plain_read"),
+    }  # fmt: skip
+    for r in records:
+        assert r["min_s"] <= r["median_s"] <= r["max_s"] and r["ratio_vs_baseline"] > 0
+    assert list(tmp_path.iterdir()) == []

@@ -20,6 +20,7 @@ import torch
 from ..._dtypes import DTYPES
 from ...errors import FormatError, SerializationError, SharedTensorError
 from ...format import load as _load
+from ...format import load_file as _load_file
 from ...format import save as _save
 from ...format import save_file as _save_file
 from ...format.writer import find_shared_tensors, split_overlapping
@@ -223,27 +224,42 @@ def save(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = Non
 
 
 def save_file(
-    tensors: dict[str, torch.Tensor], filename: str | os.PathLike[str], metadata: dict[str, str] | None = None
+    tensors: dict[str, torch.Tensor],
+    filename: str | os.PathLike[str],
+    metadata: dict[str, str] | None = None,
+    *,
+    checksums: bool = False,
 ) -> None:
     """Write ``tensors`` to ``filename`` (atomically: a crash never leaves a half-written file).
+
+    Byte-identical to the reference; ``checksums=True`` (a torchst extension) also records each
+    tensor's CRC32C in the metadata, for ``torchst verify`` and ``load_file(..., verify=True)``.
 
     >>> save_file({"embedding": torch.zeros(512, 1024)}, "model.safetensors")
     """
     _evaluate_tensors_for_save(tensors)
     _check_metadata(metadata)
     try:
-        _save_file(tensors, filename, metadata)
+        _save_file(tensors, filename, metadata, checksums=checksums)
     except SharedTensorError as e:
         raise _shared_error(tensors) from e
 
 
 def load_file(
-    filename: str | os.PathLike[str], device: str | int | torch.device = "cpu", *, backend: str = "mmap"
+    filename: str | os.PathLike[str],
+    device: str | int | torch.device = "cpu",
+    *,
+    backend: str = "mmap",
+    verify: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Every tensor of ``filename`` on ``device``, in file order.
 
+    ``verify=True`` (a torchst extension) checks each tensor against its recorded checksum.
+
     >>> loaded = load_file("model.safetensors", device="cpu")
     """
+    if verify:
+        return _load_file(filename, device=device, backend=backend, verify=True)
     with safe_open(filename, framework="pt", device=device, backend=backend) as f:
         return f.get_tensors()
 
@@ -264,6 +280,8 @@ def save_model(
     filename: str | os.PathLike[str],
     metadata: dict[str, str] | None = None,
     force_contiguous: bool = True,
+    *,
+    checksums: bool = False,
 ) -> None:
     """Save ``model``'s state dict, dropping tied duplicates and noting them in the metadata.
 
@@ -281,7 +299,7 @@ def save_model(
     if force_contiguous:
         state_dict = {k: v.contiguous() for k, v in state_dict.items()}
     try:
-        save_file(state_dict, filename, metadata=metadata)
+        save_file(state_dict, filename, metadata=metadata, checksums=checksums)
     except SerializationError as e:
         hint = " Or use save_model(..., force_contiguous=True), read the docs for potential caveats."
         raise type(e)(str(e) + hint) from e
