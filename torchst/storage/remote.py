@@ -93,21 +93,38 @@ def _translate(e: BaseException, url: str, what: str) -> BaseException:
     if isinstance(e, TorchstError):
         return e
     text = str(e)
-    if isinstance(e, FileNotFoundError) or "NoSuchKey" in text or "NoSuchBucket" in text or "404" in text:
+    if isinstance(e, _Truncated):
+        return RemoteError(
+            errno.EIO, f"{url}: cannot {what}: the object ended early ({text}); it was truncated or replaced"
+        )
+    if isinstance(e, FileNotFoundError) or "NoSuchKey" in text or "NoSuchBucket" in text:
         where = "bucket" if "NoSuchBucket" in text or "bucket" in text.lower() else "object"
         return CheckpointNotFoundError(
             f"{url}: cannot {what}: no such {where} ({text or type(e).__name__}); check the bucket and key"
         )
-    if "PreconditionFailed" in text or "412" in text:
+    if "PreconditionFailed" in text:
         return CheckpointChangedError(
             f"{url}: the object was replaced while it was being read ({text}); a writer re-saved it, load again"
         )
-    if isinstance(e, PermissionError) or "AccessDenied" in text or "Forbidden" in text or "403" in text:
+    if isinstance(e, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
         return RemoteError(
             errno.EACCES, f"{url}: cannot {what}: access denied ({text}); check the credentials and bucket policy"
         )
     code = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
     return RemoteError(code, f"{url}: cannot {what}: {type(e).__name__}: {text}")
+
+
+_TRANSIENT = (
+    "SlowDown",
+    "reduce your request rate",
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestTimeout",
+    " 500",
+    " 502",
+    " 503",
+    " 504",
+)
 
 
 def _transient(e: BaseException) -> bool:
@@ -116,7 +133,10 @@ def _transient(e: BaseException) -> bool:
     text = str(e)
     if any(s in text for s in ("NoSuch", "AccessDenied", "Forbidden", "PreconditionFailed", "InvalidRange")):
         return False
-    return isinstance(e, (OSError, asyncio.TimeoutError, ConnectionError, _Truncated)) or "Slow" in text or "50" in text
+    transport = isinstance(e, (asyncio.TimeoutError, ConnectionError, _Truncated)) or type(e).__module__.startswith(
+        ("aiohttp", "botocore", "urllib3")
+    )
+    return transport or isinstance(e, OSError) or any(s in text for s in _TRANSIENT)
 
 
 class _Truncated(Exception):
