@@ -58,7 +58,7 @@ def main() -> None:
         torchst.save_model(model, ckpt, max_shard_size="100KB")
         files = sorted(p.name for p in ckpt.iterdir())
         print(f"[model] saved in {ms(t0)}: {files}")
-        with torch.device("meta"):  # no memory allocated for the fresh model's weights
+        with torchst.init_empty_weights():  # parameters on meta (no memory), buffers real
             fresh = TinyLM()
         t0 = time.perf_counter()
         result = torchst.load_model(fresh, ckpt, device_map={"": "cpu"})
@@ -98,6 +98,16 @@ def main() -> None:
             torchst.load_file(path)
         except torchst.FormatError as e:
             print(f"[safety] truncated file refused: {type(e).__name__}: {e}".replace(tmp, "<tmp>"))
+
+        # 5. Per-tensor checksums (on by default for model saves) catch a flipped byte in the data.
+        shard = ckpt / files[0]
+        raw = bytearray(shard.read_bytes())
+        raw[-1] ^= 0x01
+        shard.write_bytes(bytes(raw))
+        try:
+            torchst.load_model(TinyLM(), ckpt, verify=True)
+        except torchst.IntegrityError as e:
+            print(f"[integrity] flipped byte caught: {type(e).__name__}: {e}".replace(tmp, "<tmp>"))
         if not (same and resumed):
             raise SystemExit("round-trip mismatch")
 

@@ -18,6 +18,7 @@ EXPECTED = {
         "committed steps kept: [4, 6]",
         "parameters identical = True",
         "truncated file refused: FileSizeError",
+        "flipped byte caught: IntegrityError",
     ],
     "pretrained_sharded.py": ["identical logits: True", "lm_head still tied to embed: True"],
     "fsdp_checkpoint.py": [
