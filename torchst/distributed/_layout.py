@@ -28,12 +28,30 @@ def is_dtensor(t: object) -> bool:
     return isinstance(t, DTensor)
 
 
-def local_box(t: torch.Tensor, name: str) -> tuple[torch.Tensor, Box]:
+class Piece:
+    """A copy of one rank's piece of a full tensor, taken while training goes on (async saves).
+
+    Written like the tensor it was taken from without touching its ``DeviceMesh``: the box is
+    resolved (and ``Partial`` placements reduced) when the copy is taken, on the training thread.
+
+    >>> piece = Piece(torch.zeros(2, 4), ((2, 0), (2, 4)), (4, 4))
+    """
+
+    def __init__(self, local: torch.Tensor, box: Box, shape: tuple[int, ...]) -> None:
+        self.local = local
+        self.box = box
+        self.shape = torch.Size(shape)
+        self.dtype = local.dtype
+
+
+def local_box(t: torch.Tensor | Piece, name: str) -> tuple[torch.Tensor, Box]:
     """This rank's tensor and its box in the full tensor.
 
     ``Partial`` placements are reduced first (a collective on the DTensor's mesh, which every
     rank of the mesh reaches in the same order because state dicts are walked in the same order).
     """
+    if isinstance(t, Piece):
+        return t.local, t.box
     if not is_dtensor(t):
         return t, ((0,) * t.dim(), tuple(t.shape))
     from torch.distributed.tensor import Replicate

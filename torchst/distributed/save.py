@@ -38,7 +38,7 @@ from ..sharding.io import SaveResult, _cleanup, _commit, _committed_files, _file
 from ..sharding.plan import plan_shards
 from ..storage._hints import delays_allocation, preallocate
 from ..storage.buffers import pread_into, tensor_bytes
-from ._layout import Box, box_numel, contains, is_dtensor, local_box, overlaps, run_count, runs, split_box
+from ._layout import Box, Piece, box_numel, contains, is_dtensor, local_box, overlaps, run_count, runs, split_box
 from .comm import Group
 
 __all__ = ["is_dtensor", "save_state_dict", "write_file"]
@@ -83,7 +83,7 @@ class _Plan:
 
 
 def _describe(
-    state_dict: Mapping[str, torch.Tensor], tied_keys: TiedKeys | None
+    state_dict: Mapping[str, torch.Tensor | Piece], tied_keys: TiedKeys | None
 ) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, Box]]]:
     if not isinstance(state_dict, Mapping):
         raise SerializationError(f"expected a dict of str -> torch.Tensor, found {type(state_dict).__name__}")
@@ -92,7 +92,7 @@ def _describe(
     for name, value in state_dict.items():
         if not isinstance(name, str):
             raise SerializationError(f"tensor names must be str, found {type(name).__name__}: {name!r}")
-        if not isinstance(value, torch.Tensor):
+        if not isinstance(value, (torch.Tensor, Piece)):
             raise SerializationError(f"state dict entry {name!r} is a {type(value).__name__}, not a torch.Tensor")
         local, box = local_box(value, name)
         if local.device.type == "meta":
@@ -381,7 +381,7 @@ def _commit_directory(directory: str, plan: _Plan, fsync: bool, headers: Mapping
 
 def _prepare(
     group: Group,
-    state_dict: Mapping[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor | Piece],
     directory: str,
     max_shard_size: int | str | None,
     metadata: Mapping[str, str] | None,
@@ -423,7 +423,7 @@ def _write_and_hash(
 
 
 def write_file(
-    state_dict: Mapping[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor | Piece],
     path: str,
     group: Group,
     *,

@@ -8,7 +8,10 @@ restores it.  Saving: every rank takes the state apart the way the single-proces
 rank reads only the bytes of its own shards into new DTensors placed like its parameters (or
 full tensors for plain ones), then the single-process restore checks and loads them.
 
-RNG state is per rank and is not part of a collective step; seed each rank after a restore.
+RNG state is per rank: every rank's generators (torch CPU and CUDA, ``random``, numpy) are
+gathered as JSON and rank 0 stores them in the step's tree under ``"rank_rng"``, keyed by rank.
+A restore into the same world size gives each rank its own state back; into another world size
+(or a plain process) the generators are left alone and a warning says so.
 """
 
 from __future__ import annotations
@@ -29,28 +32,84 @@ from ..distributed.load import read_into
 from ..distributed.save import is_dtensor, write_file
 from ..errors import CheckpointError
 from ..sharding.checkpoint import open_checkpoint
-from ..state import restore_state
+from ..state import capture_rng, restore_state
+from ..state import restore_rng as restore_rng_state
 from ..state.codec import STATE_FILE, FileSpec, _modules, _qualname, _StateEncoder
 from ..state.optim import parameter_names
-from ..state.tree import Json, PathItem, TensorTable
+from ..state.tree import Json, PathItem, TensorTable, TreeDecoder, TreeEncoder
 from .layout import FORMAT, MANIFEST, VERSION, commit, committed_steps, new_temp_dir, write_json
 
 if TYPE_CHECKING:
     from .manager import CheckpointManager
 
-__all__ = ["join_group", "restore_step", "save_step"]
+__all__ = ["join_group", "restore_step", "save_step", "warn_rank_rng"]
 
 logger = logging.getLogger(__name__)
 
 
-def join_group(process_group: Any, async_save: bool) -> Group:
-    """The manager's view of its process group (collectives time out after 10 minutes)."""
-    if async_save:
-        raise CheckpointError(
-            "CheckpointManager(process_group=...) saves synchronously; async_save=True is not supported with a "
-            "process group yet"
-        )
-    return Group(process_group, None, "CheckpointManager")
+def join_group(process_group: Any, async_save: bool) -> tuple[Group, Group | None]:
+    """The manager's view of its process group (collectives time out after 10 minutes).
+
+    With ``async_save`` also a separate gloo group for the background saves, created here by
+    every rank (``new_group`` is collective), so their collectives never interleave with training's.
+    """
+    group = Group(process_group, None, "CheckpointManager")
+    if not async_save:
+        return group, None
+    import torch.distributed as dist
+
+    ranks = dist.get_process_group_ranks(group.pg)
+    # Local synchronization: only the members of ``process_group`` take part (a subgroup's
+    # managers are not constructed by the other ranks of the world).
+    background = dist.new_group(ranks=ranks, backend="gloo", timeout=group.timeout, use_local_synchronization=True)
+    return group, Group(background, group.timeout, "CheckpointManager (background save)")
+
+
+def rng_json() -> Json:
+    """This process's RNG state as typed JSON (tensors as bytes), for the per-rank table."""
+    state = capture_rng()
+    state["torch"] = state["torch"].numpy().tobytes()
+    if "cuda" in state:
+        state["cuda"] = [t.cpu().numpy().tobytes() for t in state["cuda"]]
+    table = TensorTable()
+    return TreeEncoder(table).encode(state, ("<rng>",))
+
+
+def _rng_from_json(node: Json, where: str) -> dict[str, Any]:
+    state = TreeDecoder(lambda n, d: torch.empty(0), where=where).decode(node, ("<rng>",))
+    if not isinstance(state, dict) or not isinstance(state.get("torch"), bytes):
+        raise CheckpointError(f"{where}: the saved per-rank RNG state is malformed")
+    state["torch"] = torch.frombuffer(bytearray(state["torch"]), dtype=torch.uint8)
+    if "cuda" in state:
+        state["cuda"] = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in state["cuda"]]
+    return state
+
+
+def warn_rank_rng(tree: Mapping[str, Json], world: int, where: str) -> bool:
+    """True when ``tree`` holds one RNG state per rank for ``world`` ranks, else warn (if any)."""
+    saved = tree.get("rank_rng")
+    if not isinstance(saved, dict):
+        return False
+    states = saved.get("states")
+    if isinstance(states, list) and len(states) == world:
+        return True
+    logger.warning(
+        "%s: the step holds RNG states of %s ranks but it is restored into %d process(es); RNG state is left "
+        "as it is (seed each rank yourself)",
+        where,
+        len(states) if isinstance(states, list) else "?",
+        world,
+    )
+    return False
+
+
+def encode_step(state: Mapping[str, Any]) -> tuple[dict[str, Json], dict[str, FileSpec]]:
+    """The JSON tree and the files of a step, as the single-process encoder takes them apart."""
+    enc = _Encoder(_Table(), parameter_names(_modules(state)))
+    tree: dict[str, Json] = {"state": enc.encode(dict(state)), "rng": None}
+    files = dict(enc.files)
+    files[STATE_FILE] = FileSpec(enc.table.finish())
+    return tree, files
 
 
 class _Table(TensorTable):
@@ -79,11 +138,24 @@ def save_step(
     metrics: dict[str, Any],
 ) -> None:
     """Every rank: write ``state`` as ``step`` of ``mgr``'s directory; rank 0 commits."""
+    tree, files = encode_step(state)
+    write_step(mgr, group, step, tree, files, rng_json() if mgr.save_rng else None, metrics_tree, metrics)
+
+
+def write_step(
+    mgr: CheckpointManager,
+    group: Group,
+    step: int,
+    tree: dict[str, Json],
+    files: Mapping[str, FileSpec],
+    rng: Json,
+    metrics_tree: Json,
+    metrics: dict[str, Any],
+) -> None:
+    """Every rank: write encoded ``files`` (tensors, DTensors or snapshot pieces); rank 0 commits."""
     directory = mgr.directory
-    enc = _Encoder(_Table(), parameter_names(_modules(state)))
-    tree: dict[str, Json] = {"state": enc.encode(dict(state)), "rng": None}
-    files = dict(enc.files)
-    files[STATE_FILE] = FileSpec(enc.table.finish())
+    if mgr.save_rng:
+        tree = {**tree, "rank_rng": {"world_size": group.size, "states": group.all_gather_json(rng, "exchanging RNG")}}
     earlier = committed_steps(directory)
     temp = group.run(lambda: new_temp_dir(directory, step) if group.rank == 0 else None, "creating the step")
     temp = group.all_gather_json(temp, "sharing the step directory")[0]
@@ -91,9 +163,7 @@ def save_step(
     try:
         sizes: dict[str, Json] = {}
         for rel, spec in files.items():
-            path = os.path.join(temp, rel)
-            if group.rank == 0:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
+            path = os.path.join(temp, rel)  # write_file creates the folder (agreed, on every rank)
             size = write_file(spec.tensors, path, group, metadata=spec.metadata or None, checksums=mgr.checksums)
             sizes[rel] = {"size": size}
 
@@ -186,8 +256,10 @@ def restore_step(
     state: MutableMapping[str, Any],
     step: int | None,
     device: str | torch.device | None,
+    restore_rng: bool = True,
 ) -> int:
     """Every rank: restore ``step`` (None: rank 0's latest) into ``state``, resharding; returns the step."""
+    mgr.wait()  # a background save in flight finishes first (on every rank: its outcome is agreed)
     chosen = group.run(lambda: step if step is not None else mgr.latest_step(), "choosing the step")
     chosen = group.all_gather_json(chosen, "agreeing on the step")[0]
     if chosen is None:
@@ -213,6 +285,11 @@ def restore_step(
             restore_state(
                 state, opened.manifest["tree"], read, rng=False, device=device, where=opened.path, step=opened.step
             )
+            tree = opened.manifest["tree"]
+            if restore_rng and warn_rank_rng(tree, group.size, opened.path):
+                restore_rng_state(
+                    _rng_from_json(tree["rank_rng"]["states"][group.rank], opened.path), where=opened.path
+                )
             return opened.step
 
     return group.run(restore, f"restoring step {chosen}")

@@ -112,6 +112,7 @@ class CheckpointManager:
     ``process_group=pg`` makes ``save``/``restore`` collective for FSDP2 / tensor-parallel
     training (every rank calls them; see ``torchst.distributed``): each rank writes its own
     shards in place, rank 0 commits; restores reshard, and a plain process restores the step too.
+    With ``async_save`` the writing runs in the background over a gloo group of the manager's own.
 
     ``restore`` checks every key, shape and dtype before it writes anything: on a mismatch it
     raises ``CheckpointError`` and every object is left as it was.  Close the manager (or use
@@ -151,11 +152,13 @@ class CheckpointManager:
         self._metrics: dict[int, Mapping[str, Any]] = {}
         self._unranked: set[str] = set()
         self._group: Any = None
+        self._bg_group: Any = None  # async collective saves: the manager's own gloo group
         if process_group is not None:
             from .collective import join_group
 
-            self._group = join_group(process_group, async_save)
+            self._group, self._bg_group = join_group(process_group, async_save)
             if self._group.rank != 0:
+                _LIVE.add(self)  # a failed final async save still ends the process with status 1
                 return  # rank 0 owns the directory (lock, cleanup, commit); the others write their shards
         if read_only:
             if not os.path.isdir(self.directory):
@@ -220,6 +223,11 @@ class CheckpointManager:
         if self._group is not None and not self.read_only:
             from .collective import save_step  # collective: every rank of the group calls save()
 
+            if self._bg_group is not None:
+                from .collective_async import save_step_async
+
+                save_step_async(self, self._bg_group, step, state, self._encode_metrics(metrics), dict(metrics or {}))
+                return
             save_step(self, self._group, step, state, self._encode_metrics(metrics), dict(metrics or {}))
             return
         if self.read_only or self._lock is None or not self._lock.held:
@@ -382,7 +390,7 @@ class CheckpointManager:
         if self._group is not None:
             from .collective import restore_step  # collective, resharding
 
-            return restore_step(self, self._group, state, step, device)
+            return restore_step(self, self._group, state, step, device, restore_rng)
         if not fallback:
             return self._restore(state, step, restore_rng, device, progress, verify)
         if self._lock is not None:
@@ -440,6 +448,10 @@ class CheckpointManager:
                         raise
                     raise marked from e
 
+            if restore_rng:
+                from .collective import warn_rank_rng
+
+                warn_rank_rng(opened.manifest["tree"], 1, opened.path)
             try:
                 restore_state(
                     state,
@@ -517,7 +529,7 @@ class CheckpointManager:
         ...     mgr.save(100, state)   # the with-block waits for it and raises if it failed
         """
         try:
-            if self._lock is not None:
+            if self._lock is not None or self._group is not None:
                 self.wait()
         finally:
             if self._lock is not None:

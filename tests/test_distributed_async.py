@@ -1,0 +1,147 @@
+"""Asynchronous collective saves and per-rank RNG state of ``CheckpointManager(process_group=...)``."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from dist_launch import launch
+from test_distributed import _fsdp_training, _full, _mlp, _step, _world
+
+import torchst
+
+pytestmark = pytest.mark.multiprocess
+HERE = "tests/test_distributed_async.py"
+
+
+def _values(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Full parameters and optimizer moments, keyed by parameter name (collective for DTensors)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {f"param/{n}": _full(p.detach()).clone() for n, p in model.named_parameters()}
+    for p, st in opt.state.items():
+        out.update({f"optim/{names[id(p)]}/{k}": _full(v).clone() for k, v in st.items()})
+    return out
+
+
+def _check(model: torch.nn.Module, opt: torch.optim.Optimizer, ref: dict[str, torch.Tensor]) -> None:
+    got = _values(model, opt)
+    assert sorted(got) == sorted(ref)
+    for k, v in ref.items():
+        assert torch.equal(got[k], v), k
+
+
+def scenario_async(rank: int, world: int, out: str) -> None:
+    import torchst.distributed.save as save_mod
+    from torchst.errors import CheckpointError
+
+    model, opt = _fsdp_training(0)
+    mgr = torchst.CheckpointManager(os.path.join(out, "run"), process_group=_world(), async_save=True, keep_last=2)
+    refs = {}
+    for i in range(3):
+        _step(model, opt, i)
+        refs[i] = _values(model, opt)
+        mgr.save(i, {"model": model, "optim": opt, "step": i})
+        # the save returned after its snapshot: changing the state now must not reach the step
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1000.0)
+            for st in opt.state.values():
+                st["exp_avg"].add_(7.0)
+    if rank == 0:
+        torchst.save_file({k: v.contiguous() for k, v in refs[2].items()}, os.path.join(out, "ref.safetensors"))
+    mgr.wait()
+    assert mgr.steps() == [1, 2] if rank == 0 else True  # keep_last=2, applied by rank 0
+    fresh, fresh_opt = _fsdp_training(1)
+    state: dict[str, Any] = {"model": fresh, "optim": fresh_opt, "step": -1}
+    assert mgr.restore(state, 1) == 1 and state["step"] == 1
+    _check(fresh, fresh_opt, refs[1])
+    assert mgr.restore(state) == 2 and state["step"] == 2
+    _check(fresh, fresh_opt, refs[2])
+
+    # a failure on one rank in the background surfaces on every rank at the next wait()
+    real = save_mod._pwrite
+    if rank == world - 1:
+
+        def failing(fd: int, view: memoryview, offset: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        save_mod._pwrite = failing  # type: ignore[assignment]
+    mgr.save(3, {"model": model, "optim": opt, "step": 3})
+    start = time.monotonic()
+    try:
+        mgr.wait()
+        raise AssertionError("a failed background save was not raised")
+    except CheckpointError as e:
+        assert f"rank {world - 1}: OSError" in str(e) and "No space left" in str(e), str(e)
+        assert "saving step 3 failed" in str(e), str(e)
+    assert time.monotonic() - start < 30
+    save_mod._pwrite = real  # type: ignore[assignment]
+    mgr.wait()  # the failure was raised once; nothing is pending
+    assert mgr.restore(state) == 2
+    _check(fresh, fresh_opt, refs[2])
+    # the next save works again, and close() finishes it
+    mgr.save(4, {"model": model, "optim": opt, "step": 4})
+    mgr.close()
+    if rank == 0:
+        assert mgr.steps() == [2, 4]
+
+
+def test_async_saves_on_two_ranks_snapshot_commit_and_agree_on_failures(tmp_path: Path) -> None:
+    launch(tmp_path, 2, f"{HERE}::scenario_async", timeout=150).check()
+    ref = torchst.load_file(tmp_path / "ref.safetensors")
+    with torchst.CheckpointManager(tmp_path / "run", read_only=True) as mgr:
+        assert mgr.steps() == [2, 4]
+        model = _mlp(7)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        state: dict[str, Any] = {"model": model, "optim": opt, "step": -1}
+        assert mgr.restore(state, 2) == 2 and state["step"] == 2
+    _check(model, opt, ref)
+
+
+def _draws() -> list[float]:
+    return [*torch.rand(3).tolist(), random.random(), float(np.random.rand())]
+
+
+def scenario_rng(rank: int, world: int, out: str, async_save: bool) -> None:
+    model, _ = _fsdp_training(0)
+    torch.manual_seed(10 + rank)
+    random.seed(20 + rank)
+    np.random.seed(30 + rank)
+    with torchst.CheckpointManager(os.path.join(out, "rng"), process_group=_world(), async_save=async_save) as mgr:
+        mgr.save(1, {"model": model})
+        after = _draws()
+        _draws()
+        torch.manual_seed(99)
+        random.seed(99)
+        np.random.seed(99)
+        assert mgr.restore({"model": model}) == 1
+        assert _draws() == after
+        # ranks were seeded differently: each got its own state back
+        gathered = [torch.zeros(1) for _ in range(world)]
+        torch.distributed.all_gather(gathered, torch.tensor([after[0]]))
+        assert len({float(g) for g in gathered}) == world
+        mgr.restore({"model": model}, restore_rng=False)
+        assert _draws() != after
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_rng_is_saved_per_rank_and_restored_when_the_world_size_matches(
+    tmp_path: Path, async_save: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    launch(tmp_path, 2, f"{HERE}::scenario_rng", timeout=120, async_save=async_save).check()
+    # one plain process: another world size, so the RNG is left alone with a warning
+    model = _mlp(3)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    with torchst.CheckpointManager(tmp_path / "rng", read_only=True) as mgr, caplog.at_level(logging.WARNING):
+        mgr.restore({"model": model})
+    assert torch.equal(torch.get_rng_state(), before)
+    assert "RNG states of 2 ranks but it is restored into 1 process(es)" in caplog.text
