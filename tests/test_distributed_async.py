@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,15 @@ def scenario_async(rank: int, world: int, out: str) -> None:
     _check(fresh, fresh_opt, refs[1])
     assert mgr.restore(state) == 2 and state["step"] == 2
     _check(fresh, fresh_opt, refs[2])
+
+    # a snapshot that fails on one rank fails save() itself on every rank; nothing is written
+    extra = torch.empty(2, device="meta") if rank == 1 else torch.zeros(2)
+    try:
+        mgr.save(5, {"model": model, "optim": opt, "extra": extra})
+        raise AssertionError("a failed snapshot was not raised")
+    except CheckpointError as e:
+        assert "saving step 5 failed" in str(e) and "rank 1: " in str(e) and "nothing was written" in str(e), str(e)
+    mgr.wait()  # nothing in flight
 
     # a failure on one rank in the background surfaces on every rank at the next wait()
     real = save_mod._pwrite
@@ -145,3 +156,50 @@ def test_rng_is_saved_per_rank_and_restored_when_the_world_size_matches(
         mgr.restore({"model": model})
     assert torch.equal(torch.get_rng_state(), before)
     assert "RNG states of 2 ranks but it is restored into 1 process(es)" in caplog.text
+
+
+def scenario_killed_async(rank: int, world: int, out: str) -> None:
+    import torchst.distributed.save as save_mod
+    from torchst.errors import CheckpointError
+
+    model, opt = _fsdp_training(0)
+    mgr = torchst.CheckpointManager(
+        os.path.join(out, "run"), process_group=_world(), async_save=True, timeout=8, save_rng=False
+    )
+    mgr.save(1, {"model": model, "optim": opt})
+    mgr.wait()
+    if rank == 1:
+        real = save_mod._pwrite
+
+        def dying(fd: int, view: memoryview, offset: int) -> None:
+            real(fd, view, offset)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        save_mod._pwrite = dying  # type: ignore[assignment]
+    mgr.save(2, {"model": model, "optim": opt})  # returns: the rank dies in the background
+    start = time.monotonic()
+    try:
+        mgr.close()
+    except CheckpointError as e:
+        with open(os.path.join(out, f"survivor-{rank}.json"), "w") as f:
+            json.dump({"seconds": time.monotonic() - start, "error": str(e)}, f)
+        os._exit(0)  # the group is broken; skip its teardown
+    raise AssertionError("the save succeeded although a rank was killed")
+
+
+def test_sigkill_during_a_background_save_fails_the_survivor_in_bounded_time(tmp_path: Path) -> None:
+    result = launch(tmp_path, 2, f"{HERE}::scenario_killed_async", timeout=90)
+    assert result.codes[1] == -signal.SIGKILL, result.outputs[1]
+    assert result.codes[0] == 0, result.outputs[0]
+    report = json.loads((tmp_path / "survivor-0.json").read_text())
+    assert report["seconds"] < 30, report
+    assert "saving step 2 failed" in report["error"] and "lost contact" in report["error"], report
+    with torchst.CheckpointManager(tmp_path / "run") as mgr:  # the writer lock of the dead run is free
+        assert mgr.steps() == [1]
+        model = _mlp(7)
+        assert mgr.restore({"model": model}) == 1
+
+
+def test_timeout_needs_a_process_group(tmp_path: Path) -> None:
+    with pytest.raises(torchst.errors.ArgumentError, match=r"timeout=5 bounds the collectives of a manager"):
+        torchst.CheckpointManager(tmp_path / "run", timeout=5)

@@ -47,13 +47,13 @@ __all__ = ["join_group", "restore_step", "save_step", "warn_rank_rng"]
 logger = logging.getLogger(__name__)
 
 
-def join_group(process_group: Any, async_save: bool) -> tuple[Group, Group | None]:
-    """The manager's view of its process group (collectives time out after 10 minutes).
+def join_group(process_group: Any, async_save: bool, timeout: Any = None) -> tuple[Group, Group | None]:
+    """The manager's view of its process group (collectives time out after ``timeout``, default 10 min).
 
     With ``async_save`` also a separate gloo group for the background saves, created here by
     every rank (``new_group`` is collective), so their collectives never interleave with training's.
     """
-    group = Group(process_group, None, "CheckpointManager")
+    group = Group(process_group, timeout, "CheckpointManager")
     if not async_save:
         return group, None
     import torch.distributed as dist
@@ -156,7 +156,10 @@ def write_step(
     directory = mgr.directory
     if mgr.save_rng:
         tree = {**tree, "rank_rng": {"world_size": group.size, "states": group.all_gather_json(rng, "exchanging RNG")}}
-    earlier = committed_steps(directory)
+    try:
+        earlier = committed_steps(directory)  # only named in an error message
+    except OSError:
+        earlier = []
     temp = group.run(lambda: new_temp_dir(directory, step) if group.rank == 0 else None, "creating the step")
     temp = group.all_gather_json(temp, "sharing the step directory")[0]
     assert isinstance(temp, str)

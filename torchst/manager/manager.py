@@ -12,13 +12,21 @@ import weakref
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 
 from .._progress import progress as progress_bar
 from .._progress import progress_enabled
-from ..errors import CheckpointChangedError, CheckpointError, CheckpointNotFoundError, FormatError, SerializationError
+from ..errors import (
+    ArgumentError,
+    CheckpointChangedError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    FormatError,
+    SerializationError,
+)
 from ..format.checksum import warn_unverified
 from ..format.reader import check_device
 from ..format.writer import WritePlan
@@ -113,6 +121,8 @@ class CheckpointManager:
     training (every rank calls them; see ``torchst.distributed``): each rank writes its own
     shards in place, rank 0 commits; restores reshard, and a plain process restores the step too.
     With ``async_save`` the writing runs in the background over a gloo group of the manager's own.
+    ``timeout`` (seconds or ``timedelta``, default 10 minutes) bounds each of their collectives: a
+    rank that died or hangs fails the step on the others within it.
 
     ``restore`` checks every key, shape and dtype before it writes anything: on a mismatch it
     raises ``CheckpointError`` and every object is left as it was.  Close the manager (or use
@@ -137,6 +147,7 @@ class CheckpointManager:
         progress: bool | None = None,
         checksums: bool = True,
         process_group: Any | None = None,
+        timeout: float | timedelta | None = None,
     ) -> None:
         self.directory = os.path.abspath(os.fspath(directory))
         self.checksums = checksums
@@ -153,10 +164,15 @@ class CheckpointManager:
         self._unranked: set[str] = set()
         self._group: Any = None
         self._bg_group: Any = None  # async collective saves: the manager's own gloo group
+        if timeout is not None and process_group is None:
+            raise ArgumentError(
+                f"{self.directory}: timeout={timeout!r} bounds the collectives of a manager with process_group=...; "
+                "a single-process manager has none. Pass process_group= or drop timeout="
+            )
         if process_group is not None:
             from .collective import join_group
 
-            self._group, self._bg_group = join_group(process_group, async_save)
+            self._group, self._bg_group = join_group(process_group, async_save, timeout)
             if self._group.rank != 0:
                 _LIVE.add(self)  # a failed final async save still ends the process with status 1
                 return  # rank 0 owns the directory (lock, cleanup, commit); the others write their shards
