@@ -100,6 +100,10 @@ def scenario_async(rank: int, world: int, out: str) -> None:
     _check(fresh, fresh_opt, refs[2])
     # the next save works again, and close() finishes it
     mgr.save(4, {"model": model, "optim": opt, "step": 4})
+    # while it is written in the background, a synchronous collective save of the same state runs
+    # on the training group: the two never mix, and both write the same bytes
+    with torchst.CheckpointManager(os.path.join(out, "sync"), process_group=_world()) as sync:
+        sync.save(4, {"model": model, "optim": opt, "step": 4})
     mgr.close()
     if rank == 0:
         assert mgr.steps() == [2, 4]
@@ -115,6 +119,10 @@ def test_async_saves_on_two_ranks_snapshot_commit_and_agree_on_failures(tmp_path
         state: dict[str, Any] = {"model": model, "optim": opt, "step": -1}
         assert mgr.restore(state, 2) == 2 and state["step"] == 2
     _check(model, opt, ref)
+    written = sorted(p.relative_to(tmp_path / "run") for p in (tmp_path / "run" / "step_4").rglob("*.safetensors"))
+    assert len(written) == 2, written
+    for rel in written:
+        assert (tmp_path / "run" / rel).read_bytes() == (tmp_path / "sync" / rel).read_bytes(), rel
 
 
 def _draws() -> list[float]:
