@@ -128,6 +128,28 @@ def test_every_write_route_gives_the_same_bytes(tmp_path: Path) -> None:
     assert (tmp_path / "off.bin").read_bytes() == b"PREFIX" + expected
 
 
+def test_tensors_split_across_writes_hash_and_write_like_whole_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Large tensors go out in WRITEV_BYTES pieces, each hashed right before it is written: the
+    # recorded CRC chains over the pieces, and small tensors share a write with pieces of others.
+    from torchst.format import writer
+
+    monkeypatch.setattr(writer, "WRITEV_BYTES", 1000)
+    t = {"big": torch.arange(2600, dtype=torch.float32), "odd": torch.arange(333, dtype=torch.int8), **tensors()}
+    torchst.save_file(t, tmp_path / "ours.safetensors")
+    safetensors.torch.save_file(t, tmp_path / "ref.safetensors")
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    torchst.save_file(t, tmp_path / "sum.safetensors", checksums=True)
+    md = header_json(tmp_path / "sum.safetensors")["__metadata__"]
+    assert isinstance(md, dict)
+    record = json.loads(md[CHECKSUM_KEY])["tensors"]
+    assert record == {n: f"{crc32c(v.contiguous().view(torch.uint8).numpy().tobytes()):08x}" for n, v in t.items()}
+    monkeypatch.undo()
+    torchst.save_file(t, tmp_path / "whole.safetensors", checksums=True)
+    assert (tmp_path / "sum.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
+
+
 def test_a_copied_record_is_never_carried_over(tmp_path: Path) -> None:
     t = tensors()
     torchst.save_file(t, tmp_path / "a.safetensors", checksums=True)
