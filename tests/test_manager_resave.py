@@ -297,7 +297,10 @@ def test_concurrent_resaves_and_restores_never_mix(
         thread.start()
         seen = []
         while not done.is_set():
-            seen.append(generation_of(reader, None))  # raises on a mix; never step 4 or nothing
+            try:
+                seen.append(generation_of(reader, None))  # raises on a mix; never step 4 or nothing
+            except CheckpointChangedError:
+                pass  # the documented answer when re-saves outpace a starved reader's retries: never a mix
         thread.join()
     finally:
         sys.setswitchinterval(interval)
