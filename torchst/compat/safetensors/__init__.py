@@ -13,9 +13,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..._dtypes import DTYPES, nbytes_for
 from ...errors import (
@@ -28,6 +26,9 @@ from ...errors import (
 from ...format import BACKENDS, SafeFile, build_header, normalize_device, parse_bytes
 from ...format.header import METADATA_KEY, encode_prefix
 from ...storage.atomic import atomic_write
+
+if TYPE_CHECKING:  # not imported at run time: ``from torchst.compat.safetensors import torch`` is the submodule
+    import torch
 
 __all__ = [
     "SafetensorError",
