@@ -36,6 +36,7 @@ from _common import (
     emit,
     free_bytes,
     fs_type,
+    import_torchst,
     median,
     peak_rss_mib,
     reset_peak_rss,
@@ -140,7 +141,7 @@ def _work(job: dict[str, Any]) -> dict[str, Any]:
     import safetensors.torch
     import torch
 
-    import torchst
+    torchst = import_torchst()
 
     if job.get("tree") and not os.path.abspath(torchst.__file__).startswith(os.path.abspath(job["tree"])):
         raise RuntimeError(f"expected torchst from {job['tree']}, imported {torchst.__file__}")

@@ -51,6 +51,7 @@ from _common import (
     drop_cache,
     emit,
     fs_type,
+    import_torchst,
     median,
     peak_rss_mib,
     reset_peak_rss,
@@ -233,7 +234,7 @@ def _work(job: dict[str, Any]) -> dict[str, Any]:
         return _save_rounds(job)
     import torch
 
-    import torchst
+    torchst = import_torchst()
 
     cfg, impl, scenario, ckpt = job["cfg"], job["impl"], job["scenario"], job["ckpt"]
     keep: list[Any] = []
