@@ -18,6 +18,7 @@ RANKS = {
     "_dtypes": 1,
     "_aliases": 1,
     "_progress": 1,
+    "_lazy": 1,
     "storage": 1,
     "format": 2,
     "dedup": 3,

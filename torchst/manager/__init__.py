@@ -6,9 +6,9 @@ imported on first use, so header-only tools can read a step's layout without tor
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .._lazy import lazy_exports
 from .retention import AnyOf, KeepBest, KeepEvery, KeepLast, RetentionPolicy, StepInfo
 
 if TYPE_CHECKING:
@@ -17,13 +17,4 @@ if TYPE_CHECKING:
 __all__ = ["AnyOf", "CheckpointManager", "KeepBest", "KeepEvery", "KeepLast", "RetentionPolicy", "StepInfo"]
 
 
-def __getattr__(name: str) -> Any:
-    if name != "CheckpointManager":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = importlib.import_module(".manager", __name__).CheckpointManager
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), {"CheckpointManager": ".manager"}, __all__)

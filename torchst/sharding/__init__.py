@@ -5,9 +5,9 @@ The planner and the index need no torch; the directory I/O (which does) is impor
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .._lazy import lazy_exports
 from .debris import Debris, cleanup, find_debris
 from .index import INDEX_SUFFIX, ShardIndex, index_filename, read_index
 from .plan import SINGLE_FILE, ShardPlan, check_shard_name, parse_size, plan_shards, shard_filename
@@ -50,14 +50,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY, __all__)
