@@ -13,9 +13,9 @@ import json
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from .errors import FormatError
+from .errors import FormatError, ShardIndexError
 
-__all__ = ["ALIASES_KEY", "aliases_from_metadata", "check_aliases"]
+__all__ = ["ALIASES_KEY", "aliases_from_metadata", "check_aliases", "checkpoint_aliases"]
 
 # The authoritative alias record.  The plain ``{alias: kept}`` entries written beside it are
 # what safetensors.torch.save_model writes, but in a file written by someone else they cannot
@@ -68,3 +68,23 @@ def aliases_from_metadata(
         return {}
     stored = set(names)
     return {k: v for k, v in sorted(metadata.items()) if k not in stored and v in stored}
+
+
+def checkpoint_aliases(
+    metadatas: Collection[Mapping[str, str]], names: Collection[str], where: str | None = None
+) -> dict[str, str]:
+    """The aliases recorded across a checkpoint's metadata, sorted; each must name a stored tensor.
+
+    >>> checkpoint_aliases([{"torchst.aliases": '{"b":"a"}'}], {"a"})
+    {'b': 'a'}
+    """
+    prefix = f"{where}: " if where else ""
+    out: dict[str, str] = {}
+    for md in metadatas:
+        out.update(aliases_from_metadata(md, names=names))
+    for alias, kept in out.items():
+        if kept not in names:
+            raise ShardIndexError(f"{prefix}alias {alias!r} refers to {kept!r}, which no file of the checkpoint stores")
+        if alias in names:
+            raise ShardIndexError(f"{prefix}{alias!r} is recorded as an alias of {kept!r} but is also stored itself")
+    return dict(sorted(out.items()))

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
-from ._aliases import ALIASES_KEY, aliases_from_metadata
+from ._aliases import ALIASES_KEY, aliases_from_metadata, checkpoint_aliases
 from ._progress import progress as _progress
 from .errors import CheckpointError, CheckpointNotFoundError, FormatError, ShardIndexError, TorchstError
 from .format.checksum import CHECKSUM_KEY
@@ -310,14 +310,7 @@ def _part(plan: _Plan, headers: dict[str, Header]) -> Part:
             records.append(metadata[path])
             start = h.data_start
             tensors.update((n, StoredTensor(path, start, h.tensors[n])) for n in expected)
-    aliases: dict[str, str] = {}
-    for md in records:
-        aliases.update(aliases_from_metadata(md, names=tensors))
-    for alias, kept in aliases.items():
-        if kept not in tensors:
-            raise ShardIndexError(f"{plan.source}: alias {alias!r} refers to {kept!r}, which no file stores")
-        if alias in tensors:
-            raise ShardIndexError(f"{plan.source}: {alias!r} is recorded as an alias of {kept!r} but is also stored")
+    aliases = checkpoint_aliases(records, tensors, plan.source)
     return Part(
         plan.label,
         plan.role,

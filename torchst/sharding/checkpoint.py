@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._aliases import checkpoint_aliases
 from .._progress import progress as progress_bar
 from ..dedup import ALIASES_KEY, aliases_from_metadata, expand_aliases
 from ..devices import DeviceMap, stream_tensors
@@ -375,7 +376,7 @@ def _build(source: str, anchor: _Anchor, handles: _Handles, roots: tuple[str, ..
         tensors = {n: StoredTensor(anchor.path, header.data_start, info) for n, info in header.tensors.items()}
         md = header.metadata or {}
         return Checkpoint(
-            source, (anchor.path,), tensors, _aliases([md], tensors), _user_metadata(md), _handles=handles
+            source, (anchor.path,), tensors, checkpoint_aliases([md], tensors), _user_metadata(md), _handles=handles
         )
     index_path = anchor.path
     directory = os.path.dirname(index_path)
@@ -414,7 +415,7 @@ def _build(source: str, anchor: _Anchor, handles: _Handles, roots: tuple[str, ..
     md = _user_metadata(metadatas[0]) if metadatas else {}
     # huggingface_hub records the names it dropped in the index metadata rather than the shards
     from_index = {k: v for k, v in index.metadata.items() if isinstance(v, str)}
-    aliases = _aliases([from_index, *metadatas], ordered)
+    aliases = checkpoint_aliases([from_index, *metadatas], ordered)
     if unindexed:
         count = sum(map(len, unindexed.values()))
         shard, names = next(iter(unindexed.items()))
@@ -475,18 +476,6 @@ def open_checkpoint(path_or_directory: PathLike, *, trusted_roots: Iterable[Path
         if attempt + 1 < OPEN_ATTEMPTS:
             backoff(attempt)
     raise changed_error(source)
-
-
-def _aliases(metadatas: list[dict[str, str]], tensors: Mapping[str, object]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for md in metadatas:
-        out.update(aliases_from_metadata(md, names=tensors))
-    for alias, kept in out.items():
-        if kept not in tensors:
-            raise ShardIndexError(f"alias {alias!r} refers to {kept!r}, which no file of the checkpoint stores")
-        if alias in tensors:
-            raise ShardIndexError(f"{alias!r} is recorded as an alias of {kept!r} but is also stored itself")
-    return dict(sorted(out.items()))
 
 
 def _user_metadata(md: Mapping[str, str]) -> dict[str, str]:

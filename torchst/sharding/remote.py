@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .._aliases import checkpoint_aliases
 from ..dedup import expand_aliases
 from ..errors import CheckpointError, CheckpointNotFoundError, ShardIndexError, TorchstError
 from ..format.checksum import Verifier, check_tensors, warn_unverified
@@ -39,7 +40,7 @@ from ..format.remote import RemoteSafeFile, open_header
 from ..format.writer import plan_write, write_tensors
 from ..storage.buffers import tensor_bytes
 from ..storage.remote import RemoteObject, RemoteWriter, delete, exists, join, open_writer, read_bytes, write_bytes
-from .checkpoint import Checkpoint, _aliases, _user_metadata
+from .checkpoint import Checkpoint, _user_metadata
 from .index import INDEX_SUFFIX, MAX_INDEX_SIZE, ShardIndex, index_filename
 from .load_plan import LoadPlan, PlannedRead, StoredTensor
 from .plan import SINGLE_FILE, plan_shards
@@ -185,7 +186,7 @@ def open_remote_checkpoint(url: str) -> RemoteCheckpoint:
             url,
             (anchor,),
             single,
-            _aliases([md], single),
+            checkpoint_aliases([md], single),
             _user_metadata(md),
             _objects={anchor: obj},
             _headers={anchor: header},
@@ -228,7 +229,7 @@ def open_remote_checkpoint(url: str) -> RemoteCheckpoint:
         url,
         tuple(shards),
         ordered,
-        _aliases([from_index, *metadatas], ordered),
+        checkpoint_aliases([from_index, *metadatas], ordered),
         md,
         index,
         _objects=objects,
